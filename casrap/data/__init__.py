@@ -1,0 +1,1 @@
+"""Bundled data: evaluation prose, prompt set, and a recorded replay file."""

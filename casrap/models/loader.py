@@ -1,7 +1,8 @@
 """One loader for every way a user names a model.
 
 Accepted specs: the alias ``smollm2-135m`` (the embedded default), a local HF
-checkpoint directory, a ``.gguf`` file, or a Hugging Face hub id. The hub token is
+checkpoint directory, a ``.gguf`` file, a Hugging Face hub id, or
+``tiny-random-llama`` (a random GQA model built in-process, for tests and smoke runs). The hub token is
 taken from ``HF_TOKEN`` / ``HUGGINGFACE_HUB_TOKEN`` (the CLI reads ``.env`` into the
 environment; this module never logs it).
 """
@@ -91,6 +92,10 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
 
     path = Path(spec).expanduser()
+    if spec == "tiny-random-llama":  # in-process random model for tests and smoke runs
+        from casrap.models.tiny import tiny_llama
+
+        return tiny_llama()
     try:
         if spec == EMBEDDED_ALIAS:
             directory = ensure_embedded_checkpoint(progress)

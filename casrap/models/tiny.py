@@ -7,6 +7,7 @@ round-trips without touching the hub.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from casrap.models.loader import LoadedModel
 TINY_ALIAS = "tiny-random-llama"
 
 
+@functools.lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 320) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -1,0 +1,157 @@
+"""``casrap bench``: speed and quality of every profile against the full model.
+
+Per profile: parameters removed, ideal speedup (weight bytes read per decoded token,
+full / pruned), measured decode speedup (interleaved A B pairs, median of per-pair
+ratios), time to first token, perplexity on the evaluation corpus, KL to the full
+model on the same text, switch time and memory overhead. The baseline is re-measured
+inside every pair, so drift in machine load hits both sides.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from casrap.measure import compare_interleaved, mean_kl, next_token_logits, perplexity, timed_generate
+from casrap.measure.corpus import Corpus
+from casrap.profiles.bank import ProfileBank
+from casrap.profiles.catalogue import FULL
+
+BENCH_PROMPT = "Explain, step by step, how a small garden can feed a family through the summer."
+
+
+@dataclass
+class BenchConfig:
+    """Knobs of ``casrap bench``."""
+
+    new_tokens: int = 32  # tokens generated per timed run (EOS ignored)
+    pairs: int = 5  # interleaved baseline/candidate pairs per profile
+    warmup: int = 1
+    ppl_window: int = 512
+    ppl_max_tokens: int | None = None  # cap corpus tokens (None = whole corpus)
+    kl_tokens: int = 512  # tokens of the corpus used for KL
+    switch_trials: int = 200
+    prompt: str = BENCH_PROMPT
+
+
+@dataclass
+class ProfileResult:
+    name: str
+    description: str
+    params_removed: float
+    ideal_speedup: float
+    speedup: float
+    speedup_pairs: list[float]
+    decode_ms_per_token: float
+    baseline_decode_ms_per_token: float
+    ttft_ms: float
+    ppl: float
+    kl: float
+    switch_ms: float
+    memory_overhead_mb: float
+    functional: bool = False
+
+
+@dataclass
+class BenchReport:
+    model: str
+    device: str
+    threads: int
+    corpus: str
+    corpus_tokens: int
+    config: dict[str, Any]
+    profiles: list[ProfileResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profiles"] = [asdict(p) for p in self.profiles]
+        return data
+
+
+def _decode_runner(bank: ProfileBank, name: str, ids: torch.Tensor, tokens: int, pad: int | None) -> Callable[[], float]:
+    """One measurement = TTFT run + full run; returns decode seconds per token."""
+    def run() -> float:
+        bank.activate(name)
+        ttft, _ = timed_generate(bank.model, ids, 1, pad_token_id=pad)
+        total, _ = timed_generate(bank.model, ids, tokens, pad_token_id=pad)
+        run.ttfts.append(ttft)  # type: ignore[attr-defined]
+        return max(total - ttft, 1e-9) / (tokens - 1)
+    run.ttfts = []  # type: ignore[attr-defined]
+    return run
+
+
+def switch_time_ms(bank: ProfileBank, name: str, trials: int) -> float:
+    times = []
+    for _ in range(trials):
+        bank.activate(FULL)
+        times.append(bank.activate(name))
+    bank.activate(FULL)
+    return 1000.0 * statistics.median(times)
+
+
+def run_bench(
+    bank: ProfileBank,
+    tokenizer: Any,
+    corpus: Corpus,
+    names: list[str],
+    config: BenchConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    cfg = config or BenchConfig()
+    report_step = progress or (lambda _name: None)
+    model = bank.model
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(device)
+    corpus_ids = tokenizer(corpus.text, return_tensors="pt").input_ids[0]
+    if cfg.ppl_max_tokens:
+        corpus_ids = corpus_ids[: cfg.ppl_max_tokens]
+    kl_ids = corpus_ids[: cfg.kl_tokens].unsqueeze(0)
+    pad = tokenizer.pad_token_id
+    report = BenchReport(
+        model=bank.base_model,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        corpus=corpus.name,
+        corpus_tokens=int(corpus_ids.numel()),
+        config=asdict(cfg),
+    )
+    bank.activate(FULL)
+    full_logits = next_token_logits(model, kl_ids)
+    full_ppl = perplexity(model, corpus_ids, window=cfg.ppl_window, stride=cfg.ppl_window // 2).ppl
+    for name in names:
+        report_step(name)
+        plan = bank.profile(name).plan
+        if name == FULL:
+            ppl, kl = full_ppl, 0.0
+        else:
+            with bank.using(name):
+                ppl = perplexity(model, corpus_ids, window=cfg.ppl_window, stride=cfg.ppl_window // 2).ppl
+                kl = mean_kl(full_logits, next_token_logits(model, kl_ids))
+        base_run = _decode_runner(bank, FULL, prompt_ids, cfg.new_tokens, pad)
+        cand_run = _decode_runner(bank, name, prompt_ids, cfg.new_tokens, pad)
+        comparison = compare_interleaved(base_run, cand_run, pairs=cfg.pairs, warmup=cfg.warmup)
+        bank.activate(FULL)
+        report.profiles.append(
+            ProfileResult(
+                name=name,
+                description=plan.description,
+                params_removed=bank.params_removed(name),
+                ideal_speedup=bank.ideal_speedup(name) if not plan.functional else 1.0,
+                speedup=comparison.speedup,
+                speedup_pairs=comparison.ratios,
+                decode_ms_per_token=1000 * statistics.median(comparison.candidate_s),
+                baseline_decode_ms_per_token=1000 * statistics.median(comparison.baseline_s),
+                ttft_ms=1000 * statistics.median(cand_run.ttfts[cfg.warmup:]),  # type: ignore[attr-defined]
+                ppl=ppl,
+                kl=kl,
+                switch_ms=switch_time_ms(bank, name, cfg.switch_trials),
+                memory_overhead_mb=bank.memory_overhead_bytes(name) / 2**20 if name != FULL else 0.0,
+                functional=plan.functional,
+            )
+        )
+    return report
+

@@ -1,0 +1,172 @@
+"""ProfileBank: one loaded model, many pruned variants, O(1) switching.
+
+Each profile owns a ModuleList of decoder-layer *shells* (see
+:mod:`casrap.pruners.modules`): untouched tensors are shared with the base model,
+only sliced projections are new. Activating a profile assigns its list to
+``model.model.layers`` and sets ``config.num_hidden_layers`` — no reload, no
+re-slicing, no weight copy — and activating ``none`` puts the original list back, so
+the full model's outputs are bitwise those of the untouched model.
+
+Pick the profile once per request, before prefill: a KV cache built under one
+profile is invalid under another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from casrap.errors import InputError
+from casrap.models.architecture import decoder_layers, head_dim_of
+from casrap.profiles.catalogue import FULL
+from casrap.profiles.plan import PruningPlan
+from casrap.pruners.ffn import build_mlp
+from casrap.pruners.heads import build_attention, check_gqa_integrity
+from casrap.pruners.modules import shell
+
+
+@dataclass
+class Profile:
+    plan: PruningPlan
+    layers: nn.ModuleList
+    build_s: float
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def _unique_tensors(modules: nn.Module) -> dict[int, torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    for tensor in list(modules.parameters()) + list(modules.buffers()):
+        found[tensor.data_ptr()] = tensor
+    return found
+
+
+class ProfileBank:
+    """Holds the full model and any number of profiles; switches in microseconds."""
+
+    def __init__(self, model: Any, base_model: str = "") -> None:
+        self.model = model
+        self.base_model = base_model
+        self.head_dim = head_dim_of(model)
+        self._full_layers = decoder_layers(model)
+        self._full_count = int(model.config.num_hidden_layers)
+        self._profiles: dict[str, Profile] = {
+            FULL: Profile(PruningPlan(name=FULL, base_model=base_model, description="full model"), self._full_layers, 0.0)
+        }
+        self._active = FULL
+
+    # ---------------------------------------------------------------- building
+    def add(self, plan: PruningPlan) -> Profile:
+        """Build a plan's modules once (slicing happens here, never at switch time)."""
+        if plan.name in self._profiles:
+            raise InputError(f"profile {plan.name!r} already exists in the bank")
+        if plan.skip_layers and len(plan.skip_layers) >= len(self._full_layers):
+            raise InputError(f"profile {plan.name!r} skips every layer")
+        start = time.perf_counter()
+        if plan.is_identity:
+            layers = self._full_layers
+        else:
+            kept = [i for i in range(len(self._full_layers)) if i not in set(plan.skip_layers)]
+            built = []
+            for new_index, i in enumerate(kept):
+                original = self._full_layers[i]
+                layer = shell(original)
+                if i in plan.heads:
+                    layer.self_attn = build_attention(original.self_attn, plan.heads[i], self.head_dim, plan.functional)
+                    if not plan.functional:
+                        check_gqa_integrity(layer.self_attn, self.head_dim)
+                else:
+                    layer.self_attn = shell(original.self_attn)
+                layer.self_attn.layer_idx = new_index
+                if i in plan.ffn:
+                    layer.mlp = build_mlp(original.mlp, plan.ffn[i], plan.functional)
+                built.append(layer)
+            layers = nn.ModuleList(built)
+        profile = Profile(plan, layers, time.perf_counter() - start)
+        self._profiles[plan.name] = profile
+        return profile
+
+    def remove(self, name: str) -> None:
+        if name == FULL:
+            raise InputError("the full model cannot be removed from the bank")
+        if self._active == name:
+            self.activate(FULL)
+        self._profiles.pop(name, None)
+
+    # --------------------------------------------------------------- switching
+    @property
+    def names(self) -> list[str]:
+        return list(self._profiles)
+
+    @property
+    def active(self) -> str:
+        return self._active
+
+    def profile(self, name: str) -> Profile:
+        try:
+            return self._profiles[name]
+        except KeyError:
+            raise InputError(f"no profile named {name!r}; have {', '.join(self._profiles)}") from None
+
+    def activate(self, name: str) -> float:
+        """Make ``name`` the running variant; returns the switch time in seconds."""
+        start = time.perf_counter()
+        profile = self.profile(name)
+        self.model.model.layers = profile.layers
+        self.model.config.num_hidden_layers = len(profile.layers)
+        self._active = name
+        return time.perf_counter() - start
+
+    @contextmanager
+    def using(self, name: str) -> Iterator[Profile]:
+        previous = self._active
+        self.activate(name)
+        try:
+            yield self._profiles[name]
+        finally:
+            self.activate(previous)
+
+    # ------------------------------------------------------------- accounting
+    def parameter_count(self, name: str) -> int:
+        """Parameters the profile runs: its layers plus embeddings, final norm and head."""
+        layers = self.profile(name).layers
+        shared = sum(p.numel() for n, p in self.model.named_parameters() if ".layers." not in n)
+        return shared + sum(p.numel() for p in layers.parameters())
+
+    def weight_bytes_per_token(self, name: str) -> int:
+        """Bytes of weights one decoded token must read: layers, final norm, LM head.
+
+        The input embedding is a row lookup (negligible); a tied LM head is the full
+        vocab x hidden matrix.
+        """
+        layers = self.profile(name).layers
+        total = sum(p.numel() * p.element_size() for p in layers.parameters())
+        total += sum(p.numel() * p.element_size() for p in self.model.model.norm.parameters())
+        head = self.model.get_output_embeddings()
+        total += head.weight.numel() * head.weight.element_size()
+        return total
+
+    def params_removed(self, name: str) -> float:
+        return 1.0 - self.parameter_count(name) / self.parameter_count(FULL)
+
+    def ideal_speedup(self, name: str) -> float:
+        return self.weight_bytes_per_token(FULL) / self.weight_bytes_per_token(name)
+
+    def memory_overhead_bytes(self, name: str | None = None) -> int:
+        """Bytes held by profile(s) beyond the base model's own tensors."""
+        base = _unique_tensors(self._full_layers)
+        names = [name] if name else [n for n in self._profiles if n != FULL]
+        extra: dict[int, torch.Tensor] = {}
+        for n in names:
+            for ptr, tensor in _unique_tensors(self._profiles[n].layers).items():
+                if ptr not in base:
+                    extra[ptr] = tensor
+        return sum(t.numel() * t.element_size() for t in extra.values())

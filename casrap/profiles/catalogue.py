@@ -1,0 +1,94 @@
+"""Named pruning intensities turned into plans.
+
+A profile spec is ``KIND-PERCENT``:
+
+- ``heads-P``   query heads removed within every kv group (GQA ratio kept), P% of all;
+- ``kvheads-P`` whole kv groups removed, P% of all groups;
+- ``ffn-P``     P% of FFN channels sliced from every layer;
+- ``ffnmask-P`` the same channels masked (functional, no shape change);
+- ``layers-P``  P% of layers skipped by lowest block influence;
+- ``none``      the full model.
+
+Percentages round *down* to whole units; when that leaves zero units, the profile's
+description says so rather than pretending to prune.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from casrap.errors import InputError
+from casrap.models.architecture import ArchitectureInfo
+from casrap.profiles.plan import PruningPlan
+from casrap.pruners.ffn import plan_ffn_channels
+from casrap.pruners.heads import plan_kv_groups, plan_query_heads
+from casrap.pruners.importance import Importance
+from casrap.pruners.layers import plan_skip_layers
+
+FULL = "none"
+CASRAP_V22 = ["none", "heads-5", "heads-10", "heads-15", "layers-5", "layers-10", "ffn-5", "ffn-8"]
+TRADE_OFF = ["heads-25", "heads-50", "kvheads-33", "layers-25", "layers-50", "ffn-25", "ffn-50"]
+KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers")
+_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers)-(\d+(?:\.\d+)?)$")
+
+
+def structural_default() -> bool:
+    """``STRUCTURAL_PRUNING=0`` in the environment (or .env) selects functional masks."""
+    return os.environ.get("STRUCTURAL_PRUNING", "1").strip().lower() not in {"0", "false", "no"}
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    if spec == FULL:
+        return FULL, 0.0
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise InputError(f"unknown profile {spec!r}: use none or KIND-PERCENT with KIND in {', '.join(KINDS)}")
+    percent = float(match.group(2))
+    if not 0 < percent < 100:
+        raise InputError(f"profile {spec!r}: percentage must be between 0 and 100")
+    return match.group(1), percent / 100.0
+
+
+def build_plan(
+    spec: str,
+    importance: Importance,
+    info: ArchitectureInfo,
+    base_model: str = "",
+    structural: bool | None = None,
+) -> PruningPlan:
+    """Turn a spec like ``heads-10`` into a plan for this model and importance."""
+    kind, fraction = parse_spec(spec)
+    functional = not (structural_default() if structural is None else structural)
+    meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source}
+    plan = PruningPlan(name=spec, base_model=base_model, meta=meta)
+    if kind == FULL:
+        plan.description = "full model"
+        return plan
+    if kind in {"heads", "kvheads"}:
+        if kind == "heads":
+            heads, removed = plan_query_heads(importance.heads, info.kv_heads, fraction)
+            unit = f"query heads (one per kv group per unit, {info.kv_heads} per unit)"
+        else:
+            heads, removed = plan_kv_groups(importance.kv_groups(info.group_size), info.group_size, fraction)
+            unit = "query heads in whole kv groups"
+        total = info.layers * info.query_heads
+        plan.heads = heads
+        plan.functional = functional
+        plan.description = f"{removed}/{total} {unit} removed ({100 * removed / total:.1f}%) in {len(heads)} layers"
+    elif kind in {"ffn", "ffnmask"}:
+        ffn, removed = plan_ffn_channels(importance.ffn, fraction)
+        plan.ffn = ffn
+        plan.functional = functional or kind == "ffnmask"
+        per_layer = removed // info.layers if info.layers else 0
+        plan.description = f"{per_layer}/{info.ffn_width} FFN channels per layer {'masked' if plan.functional else 'sliced'}"
+    else:
+        plan.skip_layers = plan_skip_layers(importance.layers, fraction)
+        plan.description = f"{len(plan.skip_layers)}/{info.layers} layers skipped: {plan.skip_layers}"
+    if plan.is_identity:
+        wanted = math.floor(fraction * 100)
+        plan.description = f"{spec}: {wanted}% rounds to zero units on this model; runs the full model"
+    if plan.functional and plan.heads:
+        plan.description += " (masked)"
+    return plan

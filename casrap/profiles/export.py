@@ -1,0 +1,61 @@
+"""Export a profile as a standalone Hugging Face checkpoint, where shapes allow.
+
+A plain ``LlamaConfig`` has one head count and one FFN width for all layers, so only
+profiles whose pruned layers are uniform export: skipped layers, the same FFN width in
+every layer, the same head counts in every layer. Other profiles are saved as plan
+JSON and re-applied on the base model; ``export_checkpoint`` says why.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from casrap.errors import InputError
+from casrap.profiles.bank import ProfileBank
+
+
+def export_blocker(bank: ProfileBank, name: str) -> str | None:
+    """Why the profile cannot be a plain checkpoint, or None if it can."""
+    plan = bank.profile(name).plan
+    if plan.functional:
+        return "functional (masked) profiles have no smaller shape to export; use a structural profile"
+    layers = bank.profile(name).layers
+    widths = {layer.mlp.gate_proj.out_features for layer in layers}
+    if len(widths) > 1:
+        return f"FFN widths differ across layers ({sorted(widths)}); LlamaConfig has one intermediate_size"
+    q = {layer.self_attn.q_proj.out_features for layer in layers}
+    kv = {layer.self_attn.k_proj.out_features for layer in layers}
+    if len(q) > 1 or len(kv) > 1:
+        return "attention head counts differ across layers; LlamaConfig has one num_attention_heads"
+    return None
+
+
+def export_checkpoint(bank: ProfileBank, name: str, directory: Path, tokenizer: Any | None = None) -> Path:
+    """Write ``directory`` loadable by ``AutoModelForCausalLM.from_pretrained``."""
+    reason = export_blocker(bank, name)
+    if reason:
+        raise InputError(f"profile {name!r} cannot be exported as a plain checkpoint: {reason}")
+    from transformers import AutoModelForCausalLM
+
+    layers = bank.profile(name).layers
+    config = copy.deepcopy(bank.model.config)
+    first = layers[0]
+    config.num_hidden_layers = len(layers)
+    config.intermediate_size = first.mlp.gate_proj.out_features
+    config.num_attention_heads = first.self_attn.q_proj.out_features // bank.head_dim
+    config.num_key_value_heads = first.self_attn.k_proj.out_features // bank.head_dim
+    config.head_dim = bank.head_dim
+    try:
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(bank.model.parameters()).dtype)
+    except ValueError as err:
+        raise InputError(f"profile {name!r} cannot be exported: {str(err).splitlines()[0]}") from err
+    with bank.using(name):
+        state = {k: v for k, v in bank.model.state_dict().items()}
+    fresh.load_state_dict(state, strict=True)
+    directory = Path(directory)
+    fresh.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,49 @@
+"""Build a ProfileBank from specs and plan files in one call (CLI, env, bench)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from casrap.models.architecture import describe
+from casrap.profiles.bank import ProfileBank
+from casrap.profiles.catalogue import FULL, build_plan
+from casrap.profiles.plan import PruningPlan
+from casrap.pruners.importance import Importance, load_or_weight_norm
+
+log = logging.getLogger(__name__)
+
+
+def is_plan_file(item: str) -> bool:
+    return item.endswith(".json")
+
+
+def build_bank(
+    model: Any,
+    profiles: Iterable[str],
+    base_model: str = "",
+    importance: Importance | None = None,
+    structural: bool | None = None,
+) -> ProfileBank:
+    """A bank holding ``none`` plus every spec (``ffn-25``) or plan file (``x.json``).
+
+    Importance is the saved calibration for this model when one exists, else weight
+    norms (logged, and recorded in each plan's ``meta.importance``).
+    """
+    bank = ProfileBank(model, base_model=base_model)
+    info = describe(model)
+    imp = importance
+    for item in profiles:
+        if item == FULL:
+            continue
+        if is_plan_file(item):
+            plan = PruningPlan.load(Path(item))
+        else:
+            if imp is None:
+                imp = load_or_weight_norm(model)
+                log.info("importance source: %s", imp.source)
+            plan = build_plan(item, imp, info, base_model=base_model, structural=structural)
+        bank.add(plan)
+    return bank

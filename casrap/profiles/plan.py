@@ -1,0 +1,85 @@
+"""A pruning plan: plain data naming which units of the base model a profile keeps.
+
+Plans are JSON, replayable on the base model, and independent of any built module.
+Indices always refer to the *base* model (original layer numbers, original head and
+channel indices), so plans compose and can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from casrap.errors import CheckpointError
+
+PLAN_FORMAT = "casrap-plan/1"
+
+
+@dataclass
+class PruningPlan:
+    """Which units to keep; anything not mentioned is kept whole.
+
+    Attributes:
+        name: profile name used as the action label.
+        base_model: the model spec the plan applies to.
+        description: human summary, including units that rounded to zero.
+        heads: layer -> {"kv": kept kv heads, "q": kept query heads} (base indices).
+        ffn: layer -> kept FFN channels.
+        skip_layers: decoder layers not run at all.
+        functional: mask instead of slice (no shape change, no speedup; for comparison
+            and search).
+        meta: free-form provenance (intensity, importance source, search run...).
+    """
+
+    name: str
+    base_model: str = ""
+    description: str = ""
+    heads: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    ffn: dict[int, list[int]] = field(default_factory=dict)
+    skip_layers: list[int] = field(default_factory=list)
+    functional: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.heads or self.ffn or self.skip_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = PLAN_FORMAT
+        data["heads"] = {str(k): v for k, v in self.heads.items()}
+        data["ffn"] = {str(k): v for k, v in self.ffn.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise CheckpointError(f"not a casrap plan (format {data.get('format')!r}, expected {PLAN_FORMAT})")
+        try:
+            return cls(
+                name=str(data["name"]),
+                base_model=str(data.get("base_model", "")),
+                description=str(data.get("description", "")),
+                heads={int(k): {"kv": list(map(int, v["kv"])), "q": list(map(int, v["q"]))} for k, v in data.get("heads", {}).items()},
+                ffn={int(k): list(map(int, v)) for k, v in data.get("ffn", {}).items()},
+                skip_layers=sorted(map(int, data.get("skip_layers", []))),
+                functional=bool(data.get("functional", False)),
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"malformed plan: {err}") from err
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> PruningPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read plan {path}: {err}") from err
+        return cls.from_dict(data)
