@@ -47,7 +47,7 @@ def tiny_llama(
     kv_heads: int = 2,
     ffn: int = 128,
     attn_implementation: str = "sdpa",
-    max_positions: int = 1024,
+    max_positions: int = 4096,
 ) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 

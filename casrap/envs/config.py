@@ -1,0 +1,55 @@
+"""Configuration of the live environment (CLI flags map onto these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from casrap.envs.rewards import RewardConfig
+from casrap.profiles.catalogue import CASRAP_V22
+
+
+@dataclass
+class EnvConfig:
+    """Settings of ``casrap/Pruning-v0``.
+
+    Attributes:
+        model: model spec for the loader (embedded default).
+        device: auto | cpu | cuda.
+        profiles: action catalogue as specs (``ffn-8``) or plan JSON files.
+        structural: slice (True) or mask (False); None reads STRUCTURAL_PRUNING.
+        prompts: prompt source (None = bundled set).
+        split: which split of the prompts to draw from.
+        max_new_tokens: tokens generated per step (EOS ignored, so latency compares).
+        prompts_per_episode: 1 makes each episode a contextual-bandit decision.
+        reward: reward kind and weights.
+        rebaseline_cpu_delta: re-measure a cached baseline latency when CPU
+            utilisation moved by more than this many points since it was taken.
+        analysis_tokens: leading prompt tokens scored for the perplexity feature.
+        count_router_overhead: add prompt analysis and switch time to the pruned
+            latency (honest accounting; the full-model baseline pays neither).
+    """
+
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    profiles: list[str] = field(default_factory=lambda: list(CASRAP_V22))
+    structural: bool | None = None
+    prompts: str | None = None
+    split: str = "train"
+    max_new_tokens: int = 50
+    prompts_per_episode: int = 1
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rebaseline_cpu_delta: float = 25.0
+    analysis_tokens: int = 64
+    count_router_overhead: bool = True
+
+
+OBSERVATION_FEATURES = (
+    "cpu_util",
+    "mem_available",
+    "gpu_util",
+    "vram_free",
+    "battery",
+    "prompt_tokens",
+    "prompt_ppl",
+    "latency_budget",
+)

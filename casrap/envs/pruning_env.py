@@ -1,0 +1,276 @@
+"""``casrap/Pruning-v0``: choose a pruning profile for each prompt, on the live model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from casrap.data.prompts import Prompt, load_prompts
+from casrap.envs.analysis import PromptAnalyzer, PromptFeatures
+from casrap.envs.config import OBSERVATION_FEATURES, EnvConfig
+from casrap.envs.observation import observation_vector
+from casrap.envs.rewards import RewardInput, compute_reward
+from casrap.errors import InputError
+from casrap.measure.perplexity import mean_kl, next_token_logits, teacher_forced_ppl
+from casrap.measure.timing import check_prompt_fits
+from casrap.profiles.bank import ProfileBank
+from casrap.profiles.catalogue import FULL
+from casrap.telemetry.live import LiveTelemetry, Telemetry, TelemetryReading
+
+
+log = logging.getLogger(__name__)
+
+
+class _FirstTokenTimer(StoppingCriteria):
+    """Records the clock when the first new token exists (prefill + one token)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.first is None:
+            self.first = self.clock()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Baseline:
+    """The full model's answer to a prompt and its cost, cached per prompt."""
+
+    answer_ids: torch.Tensor
+    latency_s: float
+    ttft_s: float
+    tf_ppl: float
+    cpu_util: float
+
+
+class PruningEnv(gym.Env):
+    """Pick how much of the model to run for one prompt.
+
+    ## Description
+    Each episode draws a prompt (one per episode by default, a contextual bandit). The
+    agent sees the machine's state and the prompt's complexity and picks a profile
+    from a :class:`ProfileBank`; the env generates ``max_new_tokens`` with it, times
+    the request, scores the output against the full model, and restores the full model.
+
+    ## Action Space
+    ``Discrete(n)`` over the bank's profiles in order; action 0 is ``none`` (full
+    model). The default catalogue is CASRAP v2.2's: none, heads 5/10/15%, layers
+    5/10%, FFN 5/8%; specs and plan files (search, healing) can be added.
+
+    ## Observation Space
+    ``Box(0, 1, (8,), float32)``:
+
+    | idx | feature | normalisation |
+    |-----|---------|---------------|
+    | 0 | CPU utilisation | percent / 100 |
+    | 1 | available memory | available / total |
+    | 2 | GPU utilisation | percent / 100 (0 without GPU) |
+    | 3 | free VRAM | free / total (0 without GPU) |
+    | 4 | battery | percent / 100 (1 without battery) |
+    | 5 | prompt tokens | tokens / 512, clipped |
+    | 6 | prompt perplexity | ppl / 100, clipped (full model, first 64 tokens) |
+    | 7 | latency budget | budget / full-model latency / 2 (``slo`` reward; 1 otherwise) |
+
+    ## Rewards
+    ``casrap`` (v2.2 shaping), ``linear`` or ``slo``; see :mod:`casrap.envs.rewards`.
+    Quality is the teacher-forced perplexity of the *full model's* answer under the
+    chosen profile, relative to the full model's own (plus KL in ``info``); never the
+    profile's perplexity on its own output. The pruned latency includes prompt
+    analysis and profile switch time (``count_router_overhead``).
+
+    ## Episode End
+    After ``prompts_per_episode`` prompts; with the ``casrap`` reward, also at once
+    on a slowdown above 10%.
+
+    ``reset(options={"prompt": Prompt(...)})`` fixes the episode's prompt (used by
+    ``casrap collect`` and evaluation).
+
+    ## Arguments
+    ``config`` (:class:`EnvConfig`), and injected side effects: ``bank`` and
+    ``tokenizer`` (else the model in ``config.model`` is loaded with the configured
+    catalogue), ``telemetry`` (default live), ``clock`` (default ``perf_counter``),
+    ``prompts`` (a list of :class:`Prompt`).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: EnvConfig | None = None,
+        bank: ProfileBank | None = None,
+        tokenizer: Any = None,
+        telemetry: Telemetry | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        prompts: list[Prompt] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or EnvConfig()
+        if bank is None:
+            from casrap.models import load_model
+            from casrap.profiles.factory import build_bank
+
+            lm = load_model(self.config.model, device=self.config.device)
+            bank = build_bank(lm.model, self.config.profiles, base_model=self.config.model, structural=self.config.structural)
+            tokenizer = lm.tokenizer
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required when a bank is injected")
+        self.bank = bank
+        self.model = bank.model
+        self.tokenizer = tokenizer
+        self.telemetry = telemetry or LiveTelemetry()
+        self.clock = clock
+        self.prompts = prompts if prompts is not None else load_prompts(self.config.prompts, split=self.config.split)  # type: ignore[arg-type]
+        self.analyzer = PromptAnalyzer(self.model, tokenizer, max_tokens=self.config.analysis_tokens, clock=clock)
+        self.action_names = list(bank.names)
+        self.action_space = spaces.Discrete(len(self.action_names))
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        self._baselines: dict[str, Baseline] = {}
+        self._ids: dict[str, torch.Tensor] = {}
+        self.prompts = self._fitting(self.prompts)
+        self._prompt: Prompt | None = None
+        self._features: PromptFeatures | None = None
+        self._reading: TelemetryReading | None = None
+        self._budget_ratio = float("inf")
+        self._steps = 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ helpers
+    def _fitting(self, prompts: list[Prompt]) -> list[Prompt]:
+        """Drop prompts the context window cannot hold (logged), or fail if none fit."""
+        kept = []
+        for prompt in prompts:
+            try:
+                self._encode(prompt)
+                kept.append(prompt)
+            except InputError as err:
+                log.warning("skipping prompt %s: %s", prompt.id, err)
+        if not kept:
+            raise InputError("no prompt fits the model's context window with max_new_tokens")
+        return kept
+
+    def _encode(self, prompt: Prompt) -> torch.Tensor:
+        if prompt.id not in self._ids:
+            ids = self.analyzer.encode(prompt.text)
+            check_prompt_fits(self.model, int(ids.shape[1]), self.config.max_new_tokens)
+            self._ids[prompt.id] = ids.to(next(self.model.parameters()).device)
+        return self._ids[prompt.id]
+
+    @torch.inference_mode()
+    def _timed_generate(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        timer = _FirstTokenTimer(self.clock)
+        n = self.config.max_new_tokens
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = self.clock()
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            eos_token_id=None, pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([timer]),
+        )
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        end = self.clock()
+        ttft = (timer.first if timer.first is not None else end) - start
+        return end - start, ttft, out[0, ids.shape[1]:]
+
+    def baseline(self, prompt: Prompt, reading: TelemetryReading) -> Baseline:
+        """Full-model answer and latency; latency re-measured if the load moved."""
+        ids = self._encode(prompt)
+        cached = self._baselines.get(prompt.id)
+        if cached is not None and abs(reading.cpu_util - cached.cpu_util) <= self.config.rebaseline_cpu_delta:
+            return cached
+        self.bank.activate(FULL)
+        latency, ttft, answer = self._timed_generate(ids)
+        if cached is not None:
+            answer, tf_ppl = cached.answer_ids, cached.tf_ppl
+        else:
+            tf_ppl = teacher_forced_ppl(self.model, ids, answer)
+        record = Baseline(answer, latency, ttft, tf_ppl, reading.cpu_util)
+        self._baselines[prompt.id] = record
+        return record
+
+    def _observe(self) -> np.ndarray:
+        r, f = self._reading, self._features
+        assert r is not None and f is not None
+        return observation_vector(
+            r.cpu_util, r.mem_available_gb, r.mem_total_gb, r.gpu_util, r.vram_free_gb, r.vram_total_gb,
+            r.battery, f.tokens, f.ppl, self._budget_ratio,
+        )
+
+    def _next_prompt(self, prompt: Prompt | None = None) -> None:
+        self._prompt = prompt or self.prompts[int(self.np_random.integers(len(self.prompts)))]
+        self._reading = self.telemetry.read()
+        self._features = self.analyzer.analyze(self._prompt.text)
+        self._encode(self._prompt)
+        if self.config.reward.kind == "slo":
+            lo, hi = self.config.reward.budget_range
+            self._budget_ratio = float(self.np_random.uniform(lo, hi))
+        else:
+            self._budget_ratio = float("inf")
+
+    # ---------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        if seed is not None and hasattr(self.telemetry, "reseed"):
+            self.telemetry.reseed(seed)
+        self.bank.activate(FULL)
+        self._steps = 0
+        self._next_prompt((options or {}).get("prompt"))
+        assert self._prompt is not None and self._features is not None
+        return self._observe(), {"prompt_id": self._prompt.id, "prompt_tokens": self._features.tokens, "prompt_ppl": self._features.ppl, "complexity": self._features.complexity}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._prompt is None or self._reading is None or self._features is None:
+            raise RuntimeError("call reset() before step()")
+        name = self.action_names[int(action)]
+        prompt, reading, features = self._prompt, self._reading, self._features
+        base = self.baseline(prompt, reading)
+        ids = self._encode(prompt)
+        answer = base.answer_ids
+        full_seq = torch.cat([ids[0], answer]).unsqueeze(0)
+        try:
+            switch_start = self.clock()
+            self.bank.activate(name)
+            switch_s = self.clock() - switch_start
+            latency, ttft, output = self._timed_generate(ids)
+            tf_ppl = teacher_forced_ppl(self.model, ids, answer) if name != FULL else base.tf_ppl
+            cand_logits = next_token_logits(self.model, full_seq)
+        finally:
+            self.bank.activate(FULL)
+        full_logits = next_token_logits(self.model, full_seq)
+        kl = mean_kl(full_logits[ids.shape[1] - 1 : -1], cand_logits[ids.shape[1] - 1 : -1])
+        overhead = features.analysis_s + switch_s if self.config.count_router_overhead else 0.0
+        total_latency = latency + overhead
+        budget_s = base.latency_s * self._budget_ratio
+        reward_input = RewardInput(total_latency, base.latency_s, tf_ppl, base.tf_ppl, budget_s)
+        reward, early_stop = compute_reward(reward_input, self.config.reward)
+        n = self.config.max_new_tokens
+        info: dict[str, Any] = {
+            "prompt_id": prompt.id, "category": prompt.category, "action": int(action), "profile": name,
+            "prompt_tokens": features.tokens, "prompt_ppl": features.ppl, "complexity": features.complexity,
+            "analysis_s": features.analysis_s, "switch_s": switch_s,
+            "baseline_latency_s": base.latency_s, "baseline_ttft_s": base.ttft_s, "baseline_tokens_per_s": n / base.latency_s,
+            "baseline_ppl": base.tf_ppl,
+            "latency_s": total_latency, "generation_s": latency, "ttft_s": ttft, "tokens_per_s": n / total_latency,
+            "ppl": tf_ppl, "kl": kl, "speedup": reward_input.speedup, "degradation": reward_input.degradation,
+            "budget_s": budget_s if np.isfinite(budget_s) else None, "reward": reward,
+            "telemetry": reading.to_dict(), "same_answer": bool(torch.equal(output.cpu(), answer.cpu())),
+        }
+        self._steps += 1
+        terminated = early_stop or self._steps >= self.config.prompts_per_episode
+        if not terminated:
+            self._next_prompt()
+        return self._observe(), float(reward), bool(terminated), False, info
+
+    def close(self) -> None:
+        self.bank.activate(FULL)

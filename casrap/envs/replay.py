@@ -1,0 +1,200 @@
+"""Recorded measurements and ``casrap/PruningReplay-v0``, which serves them.
+
+Format (JSONL): the first line is a header
+``{"format": "casrap-replay/1", "model", "profiles", "max_new_tokens", "machine"}``;
+every other line is one measurement of one profile on one prompt under one load
+level: the ``info`` dict of :class:`PruningEnv.step` plus ``load`` (background load
+intensity) and ``split`` (``train``/``test``). A *context* is one (prompt, load)
+pair; the replay env needs every profile measured in each context it serves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from casrap.envs.config import OBSERVATION_FEATURES
+from casrap.envs.observation import observation_vector
+from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward
+from casrap.errors import InputError
+
+REPLAY_FORMAT = "casrap-replay/1"
+BUNDLED_REPLAY = "bundled"
+
+
+@dataclass
+class ReplayTable:
+    """Measurements as arrays: contexts x actions."""
+
+    header: dict[str, Any]
+    profiles: list[str]
+    context_ids: list[str]
+    splits: np.ndarray  # [C] str
+    categories: np.ndarray  # [C] str
+    base_obs: np.ndarray  # [C, 7] normalised features without the budget
+    latency: np.ndarray  # [C, A] seconds, including router overhead
+    baseline_latency: np.ndarray  # [C]
+    ppl: np.ndarray  # [C, A] teacher-forced ppl of the full model's answer
+    baseline_ppl: np.ndarray  # [C]
+    kl: np.ndarray  # [C, A]
+
+    def subset(self, split: str) -> ReplayTable:
+        if split == "all":
+            return self
+        keep = self.splits == split
+        if not keep.any():
+            raise InputError(f"replay file has no {split!r} contexts")
+        return ReplayTable(
+            self.header, self.profiles, [c for c, k in zip(self.context_ids, keep) if k], self.splits[keep],
+            self.categories[keep], self.base_obs[keep], self.latency[keep], self.baseline_latency[keep],
+            self.ppl[keep], self.baseline_ppl[keep], self.kl[keep],
+        )
+
+
+def write_replay(path: Path, header: dict[str, Any], records: Iterable[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"format": REPLAY_FORMAT, **header}) + "\n")
+        for record in records:
+            handle.write(json.dumps(record, default=float) + "\n")
+    return path
+
+
+def _read_lines(source: str | Path) -> list[str]:
+    if str(source) == BUNDLED_REPLAY:
+        return resources.files("casrap.data").joinpath("replay_smollm2.jsonl").read_text(encoding="utf-8").splitlines()
+    try:
+        return Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read replay file {source}: {err}") from err
+
+
+def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
+    lines = [line for line in _read_lines(source) if line.strip()]
+    if not lines:
+        raise InputError(f"replay file {source} is empty")
+    try:
+        header = json.loads(lines[0])
+    except ValueError as err:
+        raise InputError(f"{source}:1: invalid JSON header") from err
+    if header.get("format") != REPLAY_FORMAT:
+        raise InputError(f"{source}:1: not a casrap replay file (expected format {REPLAY_FORMAT})")
+    profiles = list(header["profiles"])
+    contexts: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            r = json.loads(line)
+            key = f"{r['prompt_id']}@{r['load']}"
+            ctx = contexts.setdefault(key, {"first": r, "by_profile": {}})
+            ctx["by_profile"][r["profile"]] = r
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"{source}:{number}: malformed record ({err})") from err
+    complete = {k: c for k, c in contexts.items() if all(p in c["by_profile"] for p in profiles)}
+    if not complete:
+        raise InputError(f"replay file {source} has no context with every profile measured")
+    keys = list(complete)
+    base_obs, lat, ppl, kl, blat, bppl, splits, cats = [], [], [], [], [], [], [], []
+    for key in keys:
+        first = complete[key]["first"]
+        t = first["telemetry"]
+        base_obs.append(observation_vector(
+            t["cpu_util"], t["mem_available_gb"], t.get("mem_total_gb", 0.0), t["gpu_util"], t["vram_free_gb"],
+            t.get("vram_total_gb", 0.0), t["battery"], first["prompt_tokens"], first["prompt_ppl"], 0.0,
+        )[:-1])
+        rows = [complete[key]["by_profile"][p] for p in profiles]
+        lat.append([r["latency_s"] for r in rows])
+        ppl.append([r["ppl"] for r in rows])
+        kl.append([r["kl"] for r in rows])
+        blat.append(float(np.median([r["baseline_latency_s"] for r in rows])))
+        bppl.append(first["baseline_ppl"])
+        splits.append(first.get("split", "train"))
+        cats.append(first.get("category", ""))
+    return ReplayTable(
+        header, profiles, keys, np.array(splits), np.array(cats), np.array(base_obs, dtype=np.float32),
+        np.array(lat), np.array(blat), np.array(ppl), np.array(bppl), np.array(kl),
+    )
+
+
+class PruningReplayEnv(gym.Env):
+    """``casrap/PruningReplay-v0``: Pruning-v0's interface over recorded measurements.
+
+    No model is loaded: each episode draws a recorded context (prompt x load level)
+    and, for the ``slo`` reward, a latency budget; a step looks up the chosen
+    profile's recorded latency and quality and computes the reward with the same
+    functions as the live env. Observation and action spaces match Pruning-v0.
+
+    Arguments: ``replay`` (path or ``"bundled"``), ``split`` (train | test | all),
+    ``reward`` (:class:`RewardConfig`), ``table`` (an already loaded
+    :class:`ReplayTable`).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        replay: str | Path = BUNDLED_REPLAY,
+        split: str = "train",
+        reward: RewardConfig | None = None,
+        table: ReplayTable | None = None,
+    ) -> None:
+        super().__init__()
+        self.table = (table or load_replay(replay)).subset(split)
+        self.reward_config = reward or RewardConfig()
+        self.action_names = list(self.table.profiles)
+        self.action_space = spaces.Discrete(len(self.action_names))
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        self._context = 0
+        self._budget_ratio = float("inf")
+        self._obs = np.zeros(len(OBSERVATION_FEATURES), dtype=np.float32)
+
+    @property
+    def n_contexts(self) -> int:
+        return len(self.table.context_ids)
+
+    def _draw(self, context: int | None = None, budget_ratio: float | None = None) -> None:
+        self._context = int(self.np_random.integers(self.n_contexts)) if context is None else int(context)
+        if self.reward_config.kind == "slo":
+            lo, hi = self.reward_config.budget_range
+            self._budget_ratio = float(self.np_random.uniform(lo, hi)) if budget_ratio is None else float(budget_ratio)
+            budget_feature = min(1.0, self._budget_ratio / 2.0)
+        else:
+            self._budget_ratio = float("inf")
+            budget_feature = 1.0
+        self._obs = np.append(self.table.base_obs[self._context], np.float32(budget_feature)).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        options = options or {}
+        self._draw(options.get("context"), options.get("budget_ratio"))
+        return self._obs.copy(), {"context": self.table.context_ids[self._context], "budget_ratio": self._budget_ratio}
+
+    def outcome(self, action: int) -> tuple[float, bool, RewardInput]:
+        """Reward of ``action`` in the current context (also used by the oracle)."""
+        c = self._context
+        base_lat = float(self.table.baseline_latency[c])
+        x = RewardInput(
+            float(self.table.latency[c, action]), base_lat, float(self.table.ppl[c, action]),
+            float(self.table.baseline_ppl[c]), base_lat * self._budget_ratio,
+        )
+        reward, stop = compute_reward(x, self.reward_config)
+        return reward, stop, x
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        a = int(action)
+        reward, _, x = self.outcome(a)
+        c = self._context
+        info = {
+            "context": self.table.context_ids[c], "category": str(self.table.categories[c]), "action": a,
+            "profile": self.action_names[a], "latency_s": x.latency_s, "baseline_latency_s": x.baseline_latency_s,
+            "ppl": x.ppl, "baseline_ppl": x.baseline_ppl, "kl": float(self.table.kl[c, a]), "speedup": x.speedup,
+            "degradation": x.degradation, "budget_s": x.budget_s if np.isfinite(x.budget_s) else None, "reward": reward,
+        }
+        return self._obs.copy(), float(reward), True, False, info

@@ -1,0 +1,79 @@
+"""Reward functions, selectable by name.
+
+- ``casrap``: the original CASRAP v2.2 shaping. speedup = (t_base - t)/t_base,
+  degradation = (ppl - ppl_base)/ppl_base. A slowdown gives -10 - 20|speedup|; a
+  slowdown over 10% gives -20 and ends the episode; otherwise
+  0.7 speedup - 0.3 max(0, degradation), +2 at >= 20% speedup, +1 at >= 15%.
+- ``linear``: alpha * speedup - beta * degradation.
+- ``slo``: -degradation - lambda * max(0, latency - budget) / budget, with a latency
+  budget drawn per episode and shown in the observation, so the best action depends
+  on the prompt and the machine's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REWARDS = ("casrap", "linear", "slo")
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the three reward functions."""
+
+    kind: str = "casrap"
+    alpha: float = 1.0  # linear: weight of speedup
+    beta: float = 1.0  # linear: weight of degradation
+    slo_lambda: float = 2.0  # slo: weight of the relative budget overrun
+    budget_range: tuple[float, float] = (0.6, 1.1)  # slo: budget as a fraction of the full model's latency
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    latency_s: float
+    baseline_latency_s: float
+    ppl: float
+    baseline_ppl: float
+    budget_s: float = float("inf")
+
+    @property
+    def speedup(self) -> float:
+        return (self.baseline_latency_s - self.latency_s) / self.baseline_latency_s
+
+    @property
+    def degradation(self) -> float:
+        return (self.ppl - self.baseline_ppl) / self.baseline_ppl
+
+
+def casrap_reward(x: RewardInput) -> tuple[float, bool]:
+    s, d = x.speedup, x.degradation
+    if s < -0.10:
+        return -20.0, True
+    if s < 0:
+        return -10.0 - 20.0 * abs(s), False
+    reward = 0.7 * s - 0.3 * max(0.0, d)
+    if s >= 0.20:
+        reward += 2.0
+    elif s >= 0.15:
+        reward += 1.0
+    return reward, False
+
+
+def linear_reward(x: RewardInput, alpha: float = 1.0, beta: float = 1.0) -> tuple[float, bool]:
+    return alpha * x.speedup - beta * x.degradation, False
+
+
+def slo_reward(x: RewardInput, lam: float = 2.0) -> tuple[float, bool]:
+    overrun = max(0.0, x.latency_s - x.budget_s) / x.budget_s
+    return -max(0.0, x.degradation) - lam * overrun, False
+
+
+def compute_reward(x: RewardInput, config: RewardConfig) -> tuple[float, bool]:
+    """(reward, terminate_early) for the configured reward kind."""
+    if config.kind == "casrap":
+        return casrap_reward(x)
+    if config.kind == "linear":
+        return linear_reward(x, config.alpha, config.beta)
+    if config.kind == "slo":
+        return slo_reward(x, config.slo_lambda)
+    raise ValueError(f"unknown reward {config.kind!r}; choose one of {', '.join(REWARDS)}")
