@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -22,8 +23,13 @@ from casrap.errors import CasrapError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Context Aware Structured Runtime Adaptive Pruning.")
 eval_app = typer.Typer(no_args_is_help=True, help="Measure a model: perplexity, generation speed.")
 app.add_typer(eval_app, name="eval")
-console = Console(stderr=True)
-out = Console()
+def _width() -> int | None:
+    """Terminal width, or a wide default when piped (tables stay readable in logs)."""
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))
+
+
+console = Console(stderr=True, width=_width())
+out = Console(width=_width())
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (embedded), a checkpoint dir, a .gguf file, or a hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (gpu)")
@@ -216,15 +222,17 @@ def bench(
         emit_json(data)
         return
     table = Table(title=f"casrap bench: {model} on {report.device} ({report.threads} threads), ppl on {report.corpus}, {tokens} new tokens, {pairs} pairs")
-    for col in ("profile", "removed", "ideal", "speedup", "decode ms/tok", "TTFT ms", "ppl", "KL", "switch ms", "extra MB", "what"):
-        table.add_column(col, justify="left" if col in ("profile", "what") else "right")
+    for col in ("profile", "removed", "ideal", "speedup", "decode ms/tok", "TTFT ms", "ppl", "KL", "switch ms", "extra MB"):
+        table.add_column(col, justify="left" if col == "profile" else "right", no_wrap=True)
     for p in report.profiles:
         table.add_row(
             p.name, f"{100 * p.params_removed:.1f}%", f"{p.ideal_speedup:.2f}x", f"{p.speedup:.2f}x",
             f"{p.decode_ms_per_token:.1f}", f"{p.ttft_ms:.0f}", f"{p.ppl:.2f}", f"{p.kl:.3f}",
-            f"{p.switch_ms:.3f}", f"{p.memory_overhead_mb:.1f}", p.description,
+            f"{p.switch_ms:.3f}", f"{p.memory_overhead_mb:.1f}",
         )
     out.print(table)
+    for p in report.profiles:
+        out.print(f"  {p.name}: {p.description}", soft_wrap=True, highlight=False)
     out.print(f"memory held by all profiles beyond the base model: {data['total_memory_overhead_mb']:.1f} MB")
 
 

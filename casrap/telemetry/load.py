@@ -71,6 +71,10 @@ class BackgroundLoad:
             proc.join(timeout=2)
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=2)
+            if proc.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
+                proc.kill()
+                proc.join()
         self._procs.clear()
 
     def __enter__(self) -> BackgroundLoad:

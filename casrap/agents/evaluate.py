@@ -1,0 +1,111 @@
+"""Compare a policy with every static action, a random policy and the hindsight oracle.
+
+All policies face the same contexts (prompt x load) and the same latency budgets
+(drawn with a fixed seed), scored from the same measurements, so differences come
+from the decisions alone. The oracle picks, per context and budget, the action with
+the best measured reward: an upper bound no deployable policy reaches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from casrap.agents.baselines import RandomPolicy, StaticPolicy
+from casrap.envs.replay import PruningReplayEnv
+
+
+class Policy(Protocol):
+    def predict(self, observation: Any, deterministic: bool = True) -> tuple[Any, Any]: ...
+
+
+@dataclass
+class PolicyScore:
+    name: str
+    mean_reward: float
+    reward_ci95: float
+    mean_speedup: float
+    mean_degradation: float
+    mean_kl: float
+    budget_met: float | None
+    actions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    n: int
+    reward: str
+    scores: list[PolicyScore]
+    best_static: str
+    captured_share: float | None  # (policy - best static) / (oracle - best static)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "reward": self.reward, "best_static": self.best_static, "captured_share": self.captured_share,
+                "scores": [asdict(s) for s in self.scores]}
+
+    def markdown(self) -> str:
+        lines = [f"Comparison on {self.n} held-out decisions, reward `{self.reward}` (mean ± 95% CI):", "",
+                 "| policy | mean reward | speedup | quality loss | KL | budget met | most used |", "|---|---:|---:|---:|---:|---:|---|"]
+        for s in self.scores:
+            top = ", ".join(f"{k}:{v}" for k, v in sorted(s.actions.items(), key=lambda kv: -kv[1])[:3])
+            met = f"{100 * s.budget_met:.0f}%" if s.budget_met is not None else "-"
+            lines.append(f"| {s.name} | {s.mean_reward:.4f} ± {s.reward_ci95:.4f} | {100 * s.mean_speedup:.1f}% | "
+                         f"{100 * s.mean_degradation:.1f}% | {s.mean_kl:.3f} | {met} | {top} |")
+        if self.captured_share is not None:
+            lines += ["", f"Best static action: `{self.best_static}`. The policy captures "
+                          f"{100 * self.captured_share:.0f}% of the oracle's gain over it."]
+        return "\n".join(lines)
+
+
+def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]], choose: Any) -> PolicyScore:
+    rewards, speedups, degradations, kls, met = [], [], [], [], []
+    counts: dict[str, int] = {}
+    for context, budget in decisions:
+        obs, _ = env.reset(options={"context": context, "budget_ratio": budget})
+        action = int(choose(obs, env))
+        reward, _, x = env.outcome(action)
+        rewards.append(reward)
+        speedups.append(x.speedup)
+        degradations.append(max(0.0, x.degradation))
+        kls.append(float(env.table.kl[context, action]))
+        if np.isfinite(x.budget_s):
+            met.append(x.latency_s <= x.budget_s)
+        label = env.action_names[action]
+        counts[label] = counts.get(label, 0) + 1
+    r = np.array(rewards)
+    ci = 1.96 * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
+    return PolicyScore(name, float(r.mean()), float(ci), float(np.mean(speedups)), float(np.mean(degradations)),
+                       float(np.mean(kls)), float(np.mean(met)) if met else None, counts)
+
+
+def compare_policies(
+    env: PruningReplayEnv, policy: Policy | None, budgets_per_context: int = 5, seed: int = 0, policy_name: str = "policy"
+) -> Comparison:
+    rng = np.random.default_rng(seed)
+    lo, hi = env.reward_config.budget_range
+    draws = budgets_per_context if env.reward_config.kind == "slo" else 1
+    decisions = [(c, float(rng.uniform(lo, hi))) for c in range(env.n_contexts) for _ in range(draws)]
+    env.reset(seed=seed)
+    scores = []
+    if policy is not None:
+        scores.append(_score(policy_name, env, decisions, lambda obs, e: policy.predict(obs, deterministic=True)[0]))
+    statics = []
+    for a, name in enumerate(env.action_names):
+        static = StaticPolicy(a)
+        statics.append(_score(f"static:{name}", env, decisions, lambda obs, e, p=static: p.predict(obs)[0]))
+    scores += statics
+    rand = RandomPolicy(len(env.action_names), seed)
+    scores.append(_score("random", env, decisions, lambda obs, e: rand.predict(obs)[0]))
+
+    def oracle(obs: Any, e: PruningReplayEnv) -> int:
+        return int(np.argmax([e.outcome(a)[0] for a in range(len(e.action_names))]))
+
+    oracle_score = _score("oracle (hindsight)", env, decisions, oracle)
+    scores.append(oracle_score)
+    best = max(statics, key=lambda s: s.mean_reward)
+    share = None
+    if policy is not None and oracle_score.mean_reward > best.mean_reward:
+        share = (scores[0].mean_reward - best.mean_reward) / (oracle_score.mean_reward - best.mean_reward)
+    return Comparison(len(decisions), env.reward_config.kind, scores, best.name, share)

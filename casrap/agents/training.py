@@ -1,0 +1,168 @@
+"""Training loop around SB3's ``learn``: per-episode metrics, checkpoints, resume.
+
+Nothing is lost on interruption: every episode's metrics are appended (and flushed)
+to ``metrics.jsonl`` as it ends; the policy is saved every ``save_every`` episodes,
+on Ctrl-C or failure, and at the end, beside a ``.state.json`` that ``resume`` reads
+to continue in the same run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import LinearSchedule
+
+from casrap.agents.double_dqn import AgentConfig, DoubleDQN
+from casrap.errors import CheckpointError
+from casrap.reports.runs import append_jsonl, new_run_dir, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``casrap train`` that are not the environment's.
+
+    Attributes:
+        episodes: episodes to run in total (a resumed run counts those already done).
+        checkpoint: where the SB3 policy zip goes; ``<stem>.state.json`` beside it.
+        reports_root: parent of the numbered run folders.
+        seed: seeds the agent and the environment.
+        resume: continue from ``checkpoint`` and its state file.
+        save_every: episodes between periodic checkpoints.
+        agent: Double-DQN hyper-parameters.
+    """
+
+    episodes: int = 200
+    checkpoint: Path = Path("checkpoints/rl_policy.zip")
+    reports_root: Path = Path("reports")
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 25
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    prompts_per_episode: int = 1
+
+
+def state_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".state.json")
+
+
+def load_policy(checkpoint: Path, env: gym.Env | None = None) -> DoubleDQN:
+    """Load a policy zip; schedules are not unpickled, spaces must match the env."""
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"no checkpoint at {checkpoint}")
+    custom = {"lr_schedule": lambda _: 0.0, "exploration_schedule": lambda _: 0.0, "learning_rate": 0.0}
+    try:
+        model = DoubleDQN.load(str(checkpoint), env=None, custom_objects=custom, device="cpu")
+    except Exception as err:  # noqa: BLE001 - zip errors, missing keys, torch errors
+        raise CheckpointError(f"{checkpoint} is not a readable casrap policy: {type(err).__name__}: {err}") from err
+    if env is not None:
+        if model.action_space.n != env.action_space.n:  # type: ignore[attr-defined]
+            raise CheckpointError(
+                f"{checkpoint} was trained on {model.action_space.n} actions; this environment has "  # type: ignore[attr-defined]
+                f"{env.action_space.n}; use the same --profiles (or replay file) as in training"  # type: ignore[attr-defined]
+            )
+        if model.observation_space.shape != env.observation_space.shape:
+            raise CheckpointError(f"{checkpoint} expects observations of shape {model.observation_space.shape}")
+    return model
+
+
+class EpisodeRecorder(BaseCallback):
+    """Appends one metrics record per finished step/episode and checkpoints."""
+
+    def __init__(self, run_dir: Path, first_episode: int, save: Callable[[int], None], save_every: int,
+                 on_episode: Callable[[dict[str, Any]], None] | None, max_new_tokens: int | None) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.episode = first_episode
+        self.save = save
+        self.save_every = save_every
+        self.on_episode = on_episode
+        self.max_new_tokens = max_new_tokens
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"]):
+            if "reward" not in info:
+                continue
+            if done:
+                self.episode += 1
+            record = {k: v for k, v in info.items() if k not in ("episode", "terminal_observation", "TimeLimit.truncated")}
+            record["episode"] = self.episode
+            record["timestep"] = int(self.num_timesteps)
+            record["exploration_rate"] = float(self.model.exploration_rate)  # type: ignore[attr-defined]
+            if self.max_new_tokens:
+                record.setdefault("max_new_tokens", self.max_new_tokens)
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if self.on_episode:
+                self.on_episode(record)
+            if done and self.save_every and self.episode % self.save_every == 0:
+                self.save(self.episode)
+        return True
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    episodes_done: int
+    interrupted: bool
+
+
+def train(
+    env: gym.Env,
+    config: TrainConfig,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+    max_new_tokens: int | None = None,
+    run_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    checkpoint = Path(config.checkpoint)
+    state_file = state_path(checkpoint)
+    if config.resume:
+        if not state_file.is_file():
+            raise CheckpointError(f"nothing to resume: {state_file} not found")
+        state = json.loads(state_file.read_text())
+        run_dir = Path(state["run_dir"])
+        recorded = [int(r["episode"]) for r in read_metrics(run_dir) if r.get("episode")]
+        done = max([int(state["episodes_done"]), *recorded])
+        model = load_policy(checkpoint, env)
+        model.set_env(env)
+        model.learning_rate = config.agent.learning_rate
+        model._setup_lr_schedule()
+        model.exploration_schedule = LinearSchedule(
+            model.exploration_initial_eps, model.exploration_final_eps, model.exploration_fraction
+        )
+    else:
+        run_dir = new_run_dir(Path(config.reports_root), "train")
+        done = 0
+        total = config.episodes * config.prompts_per_episode
+        model = DoubleDQN("MlpPolicy", env, seed=config.seed, verbose=0, device="cpu",
+                          **config.agent.sb3_kwargs(total, config.prompts_per_episode))
+    meta = {"episodes": config.episodes, "seed": config.seed, "checkpoint": str(checkpoint), "agent": config.agent.to_dict(), **(run_meta or {})}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+
+    def save(episodes_done: int) -> None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model.save(str(checkpoint))
+        state_file.write_text(json.dumps({"run_dir": str(run_dir), "episodes_done": episodes_done, "episodes_total": config.episodes}))
+
+    recorder = EpisodeRecorder(run_dir, done, save, config.save_every, on_episode, max_new_tokens)
+    remaining = max(0, (config.episodes - done) * config.prompts_per_episode)
+    interrupted = False
+    try:
+        if remaining:
+            model.learn(total_timesteps=remaining, callback=recorder, reset_num_timesteps=not config.resume)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted after %d episodes; saving", recorder.episode)
+    except Exception:
+        save(recorder.episode)
+        raise
+    save(recorder.episode)
+    return TrainResult(run_dir, checkpoint, recorder.episode, interrupted)

@@ -1,0 +1,276 @@
+"""``casrap collect | train | test | report``: the RL side of the command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from casrap.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, emit_json, load, out, progress_bar
+from casrap.envs.rewards import REWARDS, RewardConfig
+from casrap.errors import InputError
+from casrap.profiles.catalogue import CASRAP_V22
+
+ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: specs or plan .json files (default: CASRAP v2.2 set)")
+RewardOpt = typer.Option("casrap", "--reward", help=f"reward: {' | '.join(REWARDS)}")
+
+
+def _reward(kind: str, budget_lo: float = 0.6, budget_hi: float = 1.1) -> RewardConfig:
+    if kind not in REWARDS:
+        raise InputError(f"unknown reward {kind!r}; choose one of {', '.join(REWARDS)}")
+    return RewardConfig(kind=kind, budget_range=(budget_lo, budget_hi))
+
+
+def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int, reward: RewardConfig,
+              prompts: list[Any], structural: bool | None = None) -> Any:
+    from casrap.envs.config import EnvConfig
+    from casrap.envs.pruning_env import PruningEnv
+    from casrap.profiles.factory import build_bank
+
+    lm = load(model, device)
+    names = ["none", *[p for p in profiles if p != "none"]]
+    bank = build_bank(lm.model, names, base_model=model, structural=structural)
+    config = EnvConfig(model=model, device=device, profiles=names, max_new_tokens=max_new_tokens, reward=reward, structural=structural)
+    return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
+
+
+def _episode_line(r: dict[str, Any]) -> str:
+    if "prompt_tokens" not in r:
+        return (f"ep {r['episode']:>4} | {r['profile']:<11} | {r['latency_s']:.3f}s vs {r['baseline_latency_s']:.3f}s "
+                f"| ppl {r['ppl']:.2f} vs {r['baseline_ppl']:.2f} | reward {r['reward']:+.3f}")
+    return (f"ep {r['episode']:>4} | prompt {r['prompt_tokens']:>3} tok ppl {r['prompt_ppl']:6.1f} cx {r['complexity']:.2f} "
+            f"| base {r['baseline_latency_s']:.2f}s {r['baseline_tokens_per_s']:.1f} tok/s ppl {r['baseline_ppl']:.2f} "
+            f"| {r['profile']:<10} {r['latency_s']:.2f}s {r['tokens_per_s']:.1f} tok/s ppl {r['ppl']:.2f} KL {r['kl']:.3f} "
+            f"| reward {r['reward']:+.3f}")
+
+
+# ---------------------------------------------------------------------- collect
+@app.command()
+def collect(
+    output: Path = typer.Option(Path("checkpoints/replay.jsonl"), help="replay file to write (JSONL)"),
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+    profiles: Optional[list[str]] = ProfilesOpt,
+    train_samples: int = typer.Option(30, help="prompts from the train split"),
+    test_samples: int = typer.Option(15, help="prompts from the test split"),
+    dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id (default: bundled prompts)"),
+    load_levels: list[float] = typer.Option([0.0, 1.0], "--load", help="background CPU load intensities to record under"),
+    load_workers: int = typer.Option(1, help="background load processes"),
+    max_new_tokens: int = typer.Option(50),
+    seed: int = typer.Option(0),
+) -> None:
+    """Measure prompts x load levels x profiles on the real model, for the replay env."""
+    import numpy as np
+
+    from casrap.data.prompts import load_prompts
+    from casrap.envs.collect import collect as run_collect
+    from casrap.envs.collect import replay_header
+    from casrap.envs.replay import write_replay
+    from casrap.telemetry.load import BackgroundLoad
+
+    rng = np.random.default_rng(seed)
+    train = load_prompts(dataset, split="train", seed=seed)
+    test = load_prompts(dataset, split="test", seed=seed)
+    chosen = [(train[i], "train") for i in rng.choice(len(train), min(train_samples, len(train)), replace=False)]
+    chosen += [(test[i], "test") for i in rng.choice(len(test), min(test_samples, len(test)), replace=False)]
+    env = _live_env(model, device, list(profiles or CASRAP_V22), max_new_tokens, RewardConfig(), [p for p, _ in chosen])
+    fitting = {p.id for p in env.prompts}
+    chosen = [(p, s) for p, s in chosen if p.id in fitting]
+    background = BackgroundLoad(workers=load_workers).start() if any(level > 0 for level in load_levels) else None
+    start = time.perf_counter()
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("collecting", total=len(load_levels) * len(chosen) * len(env.action_names))
+            records = run_collect(env, chosen, list(load_levels), background, progress=lambda i, n: bar.update(task, completed=i))
+            write_replay(output, replay_header(env, model), records)
+    finally:
+        if background:
+            background.stop()
+    out.print(f"wrote {output}: {len(chosen)} prompts x {len(load_levels)} load levels x {len(env.action_names)} profiles in {time.perf_counter() - start:.0f} s")
+
+
+# ------------------------------------------------------------------------ train
+@app.command()
+def train(
+    episodes: int = typer.Option(200, help="episodes (one prompt each by default)"),
+    model: str = ModelOpt,
+    checkpoint: Path = typer.Option(Path("checkpoints/rl_policy.zip"), help="policy zip (SB3 format)"),
+    train_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id with a prompt column (default: bundled 80% split)"),
+    train_samples: Optional[int] = typer.Option(None, help="use at most this many training prompts"),
+    max_new_tokens: int = typer.Option(50, help="tokens generated per step"),
+    device: str = DeviceOpt,
+    reward: str = RewardOpt,
+    replay: Optional[str] = typer.Option(None, help="train on recorded measurements (a file from `casrap collect`, or 'bundled')"),
+    background_load: bool = typer.Option(False, "--background-load", help="run a real CPU load that varies across episodes"),
+    profiles: Optional[list[str]] = ProfilesOpt,
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="continue from --checkpoint and its run folder"),
+    save_every: int = typer.Option(25, help="episodes between checkpoints"),
+    reports: Path = typer.Option(Path("reports"), help="parent folder of numbered run folders"),
+    quiet: bool = typer.Option(False, "--quiet", help="no per-episode lines"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train the Double-DQN controller (live on the model, or on a replay file)."""
+    from casrap.agents.training import TrainConfig, state_path
+    from casrap.agents.training import train as run_training
+    from casrap.data.prompts import load_prompts
+    from casrap.reports import build_report
+    from casrap.telemetry.load import BackgroundLoad
+
+    reward_cfg = _reward(reward)
+    if resume and state_path(checkpoint).is_file():
+        saved = json.loads(state_path(checkpoint).read_text())
+        profiles = profiles or saved.get("profiles")
+        replay = replay or saved.get("replay")
+    names = list(profiles or CASRAP_V22)
+    if replay:
+        from casrap.envs.replay import PruningReplayEnv
+
+        env: Any = PruningReplayEnv(replay, split="train", reward=reward_cfg)
+        names = env.action_names
+        tokens = int(env.table.header.get("max_new_tokens", 0)) or None
+    else:
+        prompts = load_prompts(train_dataset, split="all" if train_dataset else "train", seed=seed)
+        prompts = prompts[:train_samples] if train_samples else prompts
+        env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts)
+        names = env.action_names
+        tokens = max_new_tokens
+    background = BackgroundLoad(workers=1).start() if background_load and not replay else None
+    config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every)
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("training", total=episodes)
+
+        def on_episode(record: dict[str, Any]) -> None:
+            if background:
+                record["background_load"] = background.on_episode(record["episode"])
+            bar.update(task, completed=record["episode"])
+            if not quiet:
+                bar.console.print(_episode_line(record), soft_wrap=True, highlight=False)
+
+        try:
+            result = run_training(env, config, on_episode, max_new_tokens=tokens,
+                                  run_meta={"model": model if not replay else None, "profiles": names, "reward": reward, "replay": replay})
+        finally:
+            if background:
+                background.stop()
+    state = json.loads(state_path(checkpoint).read_text())
+    state.update({"profiles": names, "reward": reward, "replay": replay, "model": model})
+    state_path(checkpoint).write_text(json.dumps(state))
+    elapsed = time.perf_counter() - started
+    report = build_report(result.run_dir, f"casrap train ({'replay ' + replay if replay else model}, reward {reward})",
+                          {"wall time": f"{elapsed:.0f} s", "checkpoint": str(checkpoint)})
+    summary = {"run_dir": str(result.run_dir), "checkpoint": str(checkpoint), "episodes_done": result.episodes_done,
+               "interrupted": result.interrupted, "wall_s": elapsed, "report": str(report)}
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(f"{'interrupted; ' if result.interrupted else ''}{result.episodes_done} episodes in {elapsed:.0f} s; "
+                  f"policy {checkpoint}; report {report}" + ("; continue with --resume" if result.interrupted else ""))
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+# ------------------------------------------------------------------------- test
+@app.command()
+def test(
+    checkpoint: Path = typer.Option(Path("checkpoints/rl_policy.zip"), help="trained policy zip"),
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+    test_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id (default: bundled held-out 20%)"),
+    test_samples: int = typer.Option(20, help="test prompts measured under every profile (live mode)"),
+    max_new_tokens: int = typer.Option(50),
+    replay: Optional[str] = typer.Option(None, help="evaluate on recorded measurements (test split)"),
+    reward: Optional[str] = typer.Option(None, "--reward", help="reward (default: the one trained with)"),
+    budgets_per_context: int = typer.Option(5, help="latency budgets drawn per context (slo reward)"),
+    wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
+    seed: int = typer.Option(0),
+    reports: Path = typer.Option(Path("reports")),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compare the policy with no pruning, every static action, random and the oracle."""
+    from casrap.agents.evaluate import compare_policies
+    from casrap.agents.training import load_policy, state_path
+    from casrap.data.prompts import load_prompts
+    from casrap.envs.replay import PruningReplayEnv, load_replay
+    from casrap.reports import append_jsonl, build_report, new_run_dir
+
+    saved = json.loads(state_path(checkpoint).read_text()) if state_path(checkpoint).is_file() else {}
+    reward_cfg = _reward(reward or saved.get("reward", "casrap"))
+    run_dir = new_run_dir(reports, "test")
+    lm = None
+    if replay:
+        env = PruningReplayEnv(replay, split="test", reward=reward_cfg)
+    else:
+        prompts = load_prompts(test_dataset, split="all" if test_dataset else "test", seed=seed)[:test_samples]
+        live = _live_env(model, device, saved.get("profiles") or list(CASRAP_V22), max_new_tokens, RewardConfig(), prompts)
+        lm = live
+        from casrap.envs.collect import collect as run_collect
+        from casrap.envs.collect import replay_header
+        from casrap.envs.replay import write_replay
+
+        with progress_bar() as bar:
+            task = bar.add_task("measuring test prompts", total=len(live.prompts) * len(live.action_names))
+            records = run_collect(live, [(p, "test") for p in live.prompts], [0.0], progress=lambda i, n: bar.update(task, completed=i))
+            path = write_replay(run_dir / "measurements.jsonl", replay_header(live, model), records)
+        env = PruningReplayEnv(table=load_replay(path), split="test", reward=reward_cfg)
+    policy = load_policy(checkpoint, env)
+    comparison = compare_policies(env, policy, budgets_per_context=budgets_per_context, seed=seed)
+    # per-decision records of the policy, for the plots
+    rng_env = PruningReplayEnv(table=env.table, reward=reward_cfg, split="all")
+    rng_env.reset(seed=seed)
+    for episode, context in enumerate(range(rng_env.n_contexts), start=1):
+        obs, _ = rng_env.reset(options={"context": context})
+        action = int(policy.predict(obs, deterministic=True)[0])
+        _, _, _, _, info = rng_env.step(action)
+        append_jsonl(run_dir / "metrics.jsonl", {**info, "episode": episode, "max_new_tokens": env.table.header.get("max_new_tokens")})
+    result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), **comparison.to_dict()}
+    if lm is not None and wikitext_samples:
+        result["perplexity"] = _profile_perplexity(lm, comparison, wikitext_samples)
+    if lm_eval:
+        if lm is None:
+            raise InputError("--lm-eval needs the live model: drop --replay")
+        from casrap.evaluation.lm_eval_tasks import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(lm.bank, lm.tokenizer, lm_eval.split(","), _top_profiles(comparison))
+    (run_dir / "comparison.json").write_text(json.dumps(result, indent=1, default=float))
+    build_report(run_dir, f"casrap test ({checkpoint})", comparison_md=comparison.markdown())
+    if as_json:
+        emit_json(result)
+        return
+    out.print(comparison.markdown(), soft_wrap=True)
+    if "perplexity" in result:
+        out.print("perplexity on " + ", ".join(f"{k}: {v:.2f}" for k, v in result["perplexity"].items() if k != "corpus") + f" ({result['perplexity']['corpus']})")
+    out.print(f"report: {run_dir / 'report.md'}")
+
+
+def _top_profiles(comparison: Any, k: int = 2) -> list[str]:
+    actions = comparison.scores[0].actions
+    return [name for name, _ in sorted(actions.items(), key=lambda kv: -kv[1]) if name != "none"][:k]
+
+
+def _profile_perplexity(env: Any, comparison: Any, samples: int) -> dict[str, Any]:
+    from casrap.measure import load_corpus, perplexity
+
+    corpus = load_corpus("auto")
+    text = "\n\n".join(corpus.paragraphs()[:samples])
+    ids = env.tokenizer(text, return_tensors="pt").input_ids[0]
+    result: dict[str, Any] = {"corpus": corpus.name}
+    for name in ["none", *_top_profiles(comparison)]:
+        with env.bank.using(name):
+            result[name] = perplexity(env.model, ids).ppl
+    return result
+
+
+# ----------------------------------------------------------------------- report
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a reports/train-N or reports/test-N folder")) -> None:
+    """Rebuild a run's summary, plots and report.md from its metrics."""
+    from casrap.reports import build_report
+
+    path = build_report(run_dir)
+    out.print(f"rebuilt {path}")

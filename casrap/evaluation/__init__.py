@@ -1,0 +1,1 @@
+"""Benchmark-task evaluation of profiles through lm-evaluation-harness ([eval] extra)."""

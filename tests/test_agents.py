@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from casrap.agents import AgentConfig, DoubleDQN, double_dqn_targets
+from casrap.agents.evaluate import compare_policies
+from casrap.agents.training import TrainConfig, load_policy, train
+from casrap.envs.replay import PruningReplayEnv, load_replay
+from casrap.envs.rewards import RewardConfig
+from casrap.errors import CheckpointError
+
+
+def test_double_dqn_targets_differ_from_vanilla_where_networks_disagree():
+    rewards = torch.tensor([[1.0], [0.0]])
+    dones = torch.tensor([[0.0], [0.0]])
+    online = torch.tensor([[5.0, 1.0], [0.0, 2.0]])  # online prefers a0 in row 0, a1 in row 1
+    target = torch.tensor([[0.5, 3.0], [1.0, 4.0]])  # target's own max is a1 in both rows
+    double = double_dqn_targets(rewards, dones, 0.9, online, target)
+    vanilla = rewards + (1 - dones) * 0.9 * target.max(dim=1, keepdim=True).values
+    assert torch.allclose(double, torch.tensor([[1.0 + 0.9 * 0.5], [0.0 + 0.9 * 4.0]]))
+    assert double[0] < vanilla[0]  # disagreement: Double DQN does not take the target's max
+    assert double[1] == vanilla[1]  # agreement: same target
+    done = double_dqn_targets(rewards, torch.ones(2, 1), 0.9, online, target)
+    assert torch.equal(done, rewards)
+
+
+def test_double_dqn_train_uses_online_argmax(monkeypatch):
+    env = PruningReplayEnv("bundled", reward=RewardConfig(kind="slo"))
+    model = DoubleDQN("MlpPolicy", env, seed=0, learning_starts=5, buffer_size=200, batch_size=8, gamma=0.9)
+    model.learn(20)
+    calls = []
+    original = double_dqn_targets
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr("casrap.agents.double_dqn.double_dqn_targets", spy)
+    model.train(gradient_steps=2, batch_size=8)
+    assert len(calls) == 2
+
+
+def test_agent_defaults_scale_to_short_runs():
+    kw = AgentConfig().sb3_kwargs(200)
+    assert kw["target_update_interval"] == 10 and kw["learning_starts"] == 25 and kw["gamma"] == 0.0
+    assert kw["buffer_size"] >= 200
+    assert AgentConfig().sb3_kwargs(200, prompts_per_episode=4)["gamma"] > 0
+
+
+def test_training_records_every_episode_and_resumes(tmp_path):
+    env = PruningReplayEnv("bundled", reward=RewardConfig(kind="slo"))
+    ck = tmp_path / "p.zip"
+    cfg = TrainConfig(episodes=30, checkpoint=ck, reports_root=tmp_path / "reports", save_every=10)
+    result = train(env, cfg)
+    assert result.episodes_done == 30 and ck.is_file()
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["episode"] for l in lines] == list(range(1, 31))
+    cfg.episodes, cfg.resume = 45, True
+    again = train(env, cfg)
+    assert again.run_dir == result.run_dir and again.episodes_done == 45
+    episodes = [json.loads(l)["episode"] for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert episodes == list(range(1, 46))
+
+
+def test_interrupted_training_keeps_checkpoint_and_metrics(tmp_path):
+    env = PruningReplayEnv("bundled", reward=RewardConfig(kind="slo"))
+    ck = tmp_path / "p.zip"
+
+    def stop_at_12(record):
+        if record["episode"] == 12:
+            raise KeyboardInterrupt
+
+    result = train(env, TrainConfig(episodes=50, checkpoint=ck, reports_root=tmp_path), on_episode=stop_at_12)
+    assert result.interrupted and result.episodes_done == 12 and ck.is_file()
+    state = json.loads(ck.with_suffix(".state.json").read_text())
+    assert state["episodes_done"] == 12
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_policy(tmp_path / "missing.zip")
+    (tmp_path / "corrupt.zip").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_policy(tmp_path / "corrupt.zip")
+    env = PruningReplayEnv("bundled")
+    model = DoubleDQN("MlpPolicy", env, seed=0)
+    model.save(tmp_path / "ok.zip")
+    assert load_policy(tmp_path / "ok.zip", env).action_space.n == env.action_space.n
+    from gymnasium import spaces
+
+    env.action_space = spaces.Discrete(env.action_space.n + 1)
+    with pytest.raises(CheckpointError, match="actions"):
+        load_policy(tmp_path / "ok.zip", env)
+
+
+def test_comparison_includes_statics_random_and_oracle():
+    env = PruningReplayEnv("bundled", split="test", reward=RewardConfig(kind="slo"))
+    comparison = compare_policies(env, None, budgets_per_context=2, seed=1)
+    names = [s.name for s in comparison.scores]
+    assert names[-1] == "oracle (hindsight)" and "random" in names
+    assert sum(n.startswith("static:") for n in names) == env.action_space.n
+    oracle = comparison.scores[-1].mean_reward
+    assert all(s.mean_reward <= oracle + 1e-12 for s in comparison.scores)
+    assert comparison.n == 2 * env.n_contexts
