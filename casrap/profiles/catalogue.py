@@ -9,6 +9,9 @@ A profile spec is ``KIND-PERCENT``:
 - ``layers-P``  P% of layers skipped by lowest block influence;
 - ``none``      the full model.
 
+Head specs rank units globally across layers; a ``:layer`` suffix (``heads-33:layer``)
+removes the same number from every layer instead (uniform shapes, exportable).
+
 Percentages round *down* to whole units; when that leaves zero units, the profile's
 description says so rather than pretending to prune.
 """
@@ -31,7 +34,7 @@ FULL = "none"
 CASRAP_V22 = ["none", "heads-5", "heads-10", "heads-15", "layers-5", "layers-10", "ffn-5", "ffn-8"]
 TRADE_OFF = ["heads-25", "heads-50", "kvheads-33", "layers-25", "layers-50", "ffn-25", "ffn-50"]
 KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers")
-_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers)-(\d+(?:\.\d+)?)$")
+_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers)-(\d+(?:\.\d+)?)(:layer)?$")
 
 
 def structural_default() -> bool:
@@ -68,7 +71,7 @@ def build_plan(
         return plan
     if kind in {"heads", "kvheads"}:
         if kind == "heads":
-            heads, removed = plan_query_heads(importance.heads, info.kv_heads, fraction)
+            heads, removed = plan_query_heads(importance.heads, info.kv_heads, fraction, "layer" if spec.endswith(":layer") else "global")
             unit = f"query heads (one per kv group per unit, {info.kv_heads} per unit)"
         else:
             heads, removed = plan_kv_groups(importance.kv_groups(info.group_size), info.group_size, fraction)

@@ -28,13 +28,14 @@ def _channels(heads: list[int], head_dim: int) -> list[int]:
 
 
 def plan_query_heads(
-    head_importance: torch.Tensor, kv_heads: int, fraction: float
+    head_importance: torch.Tensor, kv_heads: int, fraction: float, scope: str = "global"
 ) -> tuple[dict[int, dict[str, list[int]]], int]:
-    """Global ranking of "one query head out of every group" units.
+    """Rank "one query head out of every group" units globally or per layer.
 
     Returns (per-layer kept heads, number of query heads removed). A unit in layer l
     removes the s-th least important query head of every group; each group keeps at
-    least one query head.
+    least one query head. ``scope="layer"`` removes the same number of units from
+    every layer (uniform shapes, exportable); ``"global"`` lets layers differ.
     """
     n_layers, q_heads = head_importance.shape
     group = q_heads // kv_heads
@@ -47,7 +48,11 @@ def plan_query_heads(
         return float(imp.gather(1, order[l][:, s : s + 1]).sum())
 
     taken = [0] * n_layers
-    heap = [(unit_score(l, 0), l) for l in range(n_layers)] if group > 1 else []
+    if scope == "layer":
+        per_layer = min(units // n_layers, group - 1)
+        taken = [per_layer] * n_layers
+        units = 0
+    heap = [(unit_score(l, taken[l]), l) for l in range(n_layers) if taken[l] < group - 1] if group > 1 else []
     heapq.heapify(heap)
     for _ in range(units):
         if not heap:
