@@ -1,0 +1,89 @@
+"""Plots and a Markdown table for a search run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from casrap.reports.plots import _plt
+
+
+def _ci(row: dict[str, Any], split: str) -> str:
+    lo, hi = row.get(f"{split}_ci95", [float("nan")] * 2)
+    return f"{row[split]:.3f} [{lo:.3f}, {hi:.3f}] (n={row.get(f'{split}_n')})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# casrap search on {report['model']}", "",
+             f"Perplexity data: {report['corpus']} (search / validation / test thirds); importance: {report['importance']}.", ""]
+    full = report.get("full_model_ppl", {})
+    if full:
+        lines.append(f"Full model perplexity: validation {full['validation']:.3f}, test {full['test']:.3f}.")
+        lines.append("")
+    if "rates_table" in report:
+        lines += ["## Per-layer FFN rates (GA) vs uniform, same FFN sparsity", "",
+                  "| FFN sparsity | method | layer-param sparsity | validation ppl [95% CI] | test ppl [95% CI] |", "|---:|---|---:|---|---|"]
+        lines += [f"| {100 * r['ffn_sparsity']:.0f}% | {r['method']} | {100 * r['sparsity']:.1f}% | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["rates_table"]]
+        lines.append("")
+    if "layers_table" in report:
+        lines += ["## Layer sets: GA vs last-k vs block influence, same k", "",
+                  "| k | method | layers removed | validation ppl [95% CI] | test ppl [95% CI] |", "|---:|---|---|---|---|"]
+        lines += [f"| {r['k']} | {r['method']} | {r['layers']} | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["layers_table"]]
+        lines.append("")
+    if "heads_table" in report:
+        task = report["heads_task"]
+        lines += [f"## Head masks (kv groups) on the safety task ({task['source']}), AUROC", "",
+                  "| method | kv groups removed | layer-param sparsity | validation AUROC [95% CI] | test AUROC [95% CI] |", "|---|---:|---:|---|---|"]
+        lines += [f"| {r['method']} | {r['groups_removed']} | {100 * r['sparsity']:.1f}% | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["heads_table"]]
+        terms = task["best_terms"]
+        lines += ["", "Fitness terms of the best mask (they must not cancel): " + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), ""]
+    if "pareto" in report:
+        lines += ["## NSGA-II front (layer sets): search-split perplexity vs ideal speedup", "", "| layers removed | ppl | ideal speedup |", "|---|---:|---:|"]
+        lines += [f"| {p['skip']} | {p['ppl']:.2f} | {p['ideal_speedup']:.3f} |" for p in report["pareto"]["front"]]
+        lines.append("")
+    lines += ["![fitness](fitness.png)", ""]
+    if "heads_table" in report:
+        lines.append("![best head mask](head_mask.png)")
+    if "pareto" in report:
+        lines.append("![pareto](pareto.png)")
+    return "\n".join(lines) + "\n"
+
+
+def write_search_report(out_dir: Path, report: dict[str, Any], layers: int, kv_heads: int) -> Path:
+    plt = _plt()
+    history = [json.loads(l) for l in (out_dir / "generations.jsonl").read_text().splitlines() if l.strip()] if (out_dir / "generations.jsonl").is_file() else []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for enc in sorted({h["encoding"] for h in history}):
+        rows = [h for h in history if h["encoding"] == enc]
+        ax.plot([h["generation"] for h in rows], [h["best"] for h in rows], marker="o", label=f"{enc} best")
+    ax.set(xlabel="generation", ylabel="fitness (higher is better)", title="Fitness per generation")
+    if history:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "fitness.png", dpi=100)
+    plt.close(fig)
+    if "heads-ga" in report.get("results", {}):
+        mask = np.array(report["results"]["heads-ga"]["mask"]).reshape(layers, kv_heads)
+        fig, ax = plt.subplots(figsize=(3 + kv_heads * 0.5, 6))
+        ax.imshow(mask, aspect="auto", cmap="Greens", vmin=0, vmax=1)
+        ax.set(xlabel="kv group", ylabel="layer", title="Best head mask (green = kept)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "head_mask.png", dpi=100)
+        plt.close(fig)
+    if "pareto" in report:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        front = report["pareto"]["front"]
+        ax.plot([p["ideal_speedup"] for p in front], [p["ppl"] for p in front], "o-", label="NSGA-II front")
+        for method, points in report["pareto"]["baselines"].items():
+            ax.plot([p["ideal_speedup"] for p in points], [p["ppl"] for p in points], "x--", label=method)
+        ax.set(xlabel="ideal speedup (weight bytes)", ylabel="perplexity (search split)", yscale="log", title="Quality vs speed")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "pareto.png", dpi=100)
+        plt.close(fig)
+    path = out_dir / "report.md"
+    path.write_text(markdown(report))
+    return path
