@@ -18,10 +18,13 @@ ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: spe
 RewardOpt = typer.Option("casrap", "--reward", help=f"reward: {' | '.join(REWARDS)}")
 
 
-def _reward(kind: str, budget_lo: float = 0.6, budget_hi: float = 1.1) -> RewardConfig:
+def _reward(kind: str, slo_lambda: float = 10.0, budget_lo: float = 0.6, budget_hi: float = 1.1) -> RewardConfig:
     if kind not in REWARDS:
         raise InputError(f"unknown reward {kind!r}; choose one of {', '.join(REWARDS)}")
-    return RewardConfig(kind=kind, budget_range=(budget_lo, budget_hi))
+    return RewardConfig(kind=kind, slo_lambda=slo_lambda, budget_range=(budget_lo, budget_hi))
+
+
+SloLambdaOpt = typer.Option(10.0, "--slo-lambda", help="slo reward: weight of the relative latency-budget overrun")
 
 
 def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int, reward: RewardConfig,
@@ -103,6 +106,7 @@ def train(
     max_new_tokens: int = typer.Option(50, help="tokens generated per step"),
     device: str = DeviceOpt,
     reward: str = RewardOpt,
+    slo_lambda: float = SloLambdaOpt,
     replay: Optional[str] = typer.Option(None, help="train on recorded measurements (a file from `casrap collect`, or 'bundled')"),
     background_load: bool = typer.Option(False, "--background-load", help="run a real CPU load that varies across episodes"),
     profiles: Optional[list[str]] = ProfilesOpt,
@@ -120,7 +124,7 @@ def train(
     from casrap.reports import build_report
     from casrap.telemetry.load import BackgroundLoad
 
-    reward_cfg = _reward(reward)
+    reward_cfg = _reward(reward, slo_lambda)
     if resume and state_path(checkpoint).is_file():
         saved = json.loads(state_path(checkpoint).read_text())
         profiles = profiles or saved.get("profiles")
@@ -158,7 +162,7 @@ def train(
             if background:
                 background.stop()
     state = json.loads(state_path(checkpoint).read_text())
-    state.update({"profiles": names, "reward": reward, "replay": replay, "model": model})
+    state.update({"profiles": names, "reward": reward, "slo_lambda": slo_lambda, "replay": replay, "model": model})
     state_path(checkpoint).write_text(json.dumps(state))
     elapsed = time.perf_counter() - started
     report = build_report(result.run_dir, f"casrap train ({'replay ' + replay if replay else model}, reward {reward})",
@@ -185,6 +189,7 @@ def test(
     max_new_tokens: int = typer.Option(50),
     replay: Optional[str] = typer.Option(None, help="evaluate on recorded measurements (test split)"),
     reward: Optional[str] = typer.Option(None, "--reward", help="reward (default: the one trained with)"),
+    slo_lambda: Optional[float] = typer.Option(None, "--slo-lambda", help="default: the one trained with"),
     budgets_per_context: int = typer.Option(5, help="latency budgets drawn per context (slo reward)"),
     wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
@@ -200,7 +205,7 @@ def test(
     from casrap.reports import append_jsonl, build_report, new_run_dir
 
     saved = json.loads(state_path(checkpoint).read_text()) if state_path(checkpoint).is_file() else {}
-    reward_cfg = _reward(reward or saved.get("reward", "casrap"))
+    reward_cfg = _reward(reward or saved.get("reward", "casrap"), slo_lambda if slo_lambda is not None else saved.get("slo_lambda", 10.0))
     run_dir = new_run_dir(reports, "test")
     lm = None
     if replay:

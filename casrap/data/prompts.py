@@ -88,6 +88,10 @@ def _read_hub(dataset_id: str) -> list[Prompt]:
     try:
         from datasets import load_dataset
 
+        from casrap.measure.corpus import hub_reachable
+
+        if not hub_reachable():
+            raise ConnectionError("the Hugging Face hub is not reachable")
         data = load_dataset(dataset_id, split="train")
     except Exception as err:  # noqa: BLE001
         raise InputError(

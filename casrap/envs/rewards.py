@@ -24,7 +24,7 @@ class RewardConfig:
     kind: str = "casrap"
     alpha: float = 1.0  # linear: weight of speedup
     beta: float = 1.0  # linear: weight of degradation
-    slo_lambda: float = 2.0  # slo: weight of the relative budget overrun
+    slo_lambda: float = 10.0  # slo: weight of the relative budget overrun (10 puts it on the scale of quality loss)
     budget_range: tuple[float, float] = (0.6, 1.1)  # slo: budget as a fraction of the full model's latency
 
 

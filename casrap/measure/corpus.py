@@ -7,6 +7,8 @@ offline corpus is never mistaken for a WikiText-2 figure.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,8 +36,21 @@ def offline_corpus() -> Corpus:
     return Corpus(OFFLINE_CORPUS, text)
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Cheap check before asking ``datasets`` (whose retries take ~30 s offline)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def wikitext2(max_chars: int | None = None) -> Corpus:
     """WikiText-2 raw test split through ``datasets`` (needs the hub)."""
+    if not hub_reachable():
+        raise ConnectionError("the Hugging Face hub is not reachable")
     from datasets import load_dataset  # optional dependency ([eval] extra)
 
     data = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")

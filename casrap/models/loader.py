@@ -119,10 +119,13 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         elif _looks_like_hub_id(spec):
+            from casrap.measure.corpus import hub_reachable
+
             token = _hub_token()
+            local_only = not hub_reachable()  # offline: use the local HF cache, fail fast
             try:
-                tokenizer = AutoTokenizer.from_pretrained(spec, token=token)
-                model = AutoModelForCausalLM.from_pretrained(spec, token=token, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(spec, token=token, local_files_only=local_only)
+                model = AutoModelForCausalLM.from_pretrained(spec, token=token, local_files_only=local_only, **kwargs)
             except OSError as err:
                 raise ModelLoadError(
                     f"cannot load {spec!r} from the Hugging Face hub ({type(err).__name__}); "

@@ -43,6 +43,10 @@ def _bundled() -> list[LabelledPrompt]:
 def _hub(dataset_id: str) -> list[LabelledPrompt]:
     from datasets import load_dataset
 
+    from casrap.measure.corpus import hub_reachable
+
+    if not hub_reachable():
+        raise ConnectionError("the Hugging Face hub is not reachable")
     data = load_dataset(dataset_id, split="test")
     return [LabelledPrompt(r["prompt"], str(r["label"]).lower() == "unsafe", r.get("type", "")) for r in data]
 
