@@ -298,4 +298,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module so the RL commands register on the same app
+    from casrap.cli import main as _module_main
+
+    _module_main()

@@ -191,7 +191,7 @@ def test_plan_json_round_trip_replays_identically(tiny, tmp_path):
         PruningPlan.load(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("spec", ["ffn-25", "layers-25", "kvheads-50", "heads-25:layer"])
+@pytest.mark.parametrize("spec", ["ffn-25", "layers-25", "kvheads-50"])
 def test_uniform_profiles_export_to_plain_checkpoints(tiny, tmp_path, spec):
     from transformers import AutoModelForCausalLM
 
@@ -206,6 +206,8 @@ def test_uniform_profiles_export_to_plain_checkpoints(tiny, tmp_path, spec):
 def test_nonuniform_profile_export_explains_why(tiny, tmp_path):
     bank = _bank(tiny, ["heads-25"])
     assert "head counts differ" in export_blocker(bank, "heads-25")
+    uniform = _bank(tiny, ["heads-25:layer"])  # 6 of 8 heads everywhere: 64 % 6 != 0
+    assert "do not divide hidden_size" in export_blocker(uniform, "heads-25:layer")
     with pytest.raises(InputError):
         export_checkpoint(bank, "heads-25", tmp_path)
 

@@ -29,6 +29,10 @@ def export_blocker(bank: ProfileBank, name: str) -> str | None:
     kv = {layer.self_attn.k_proj.out_features for layer in layers}
     if len(q) > 1 or len(kv) > 1:
         return "attention head counts differ across layers; LlamaConfig has one num_attention_heads"
+    heads = q.pop() // bank.head_dim
+    if bank.model.config.hidden_size % heads:
+        return (f"{heads} query heads do not divide hidden_size {bank.model.config.hidden_size}, "
+                "which LlamaConfig requires; keep it as a plan JSON")
     return None
 
 
