@@ -176,6 +176,19 @@ def repair_rates(genome: list[float], target: float, max_rate: float) -> list[fl
 
 
 # -------------------------------------------------------------------------- runs
+def _score_generation(pop: list[Any], generation: int, evaluate: MemoEvaluator, history: list[GenerationLog],
+                      on_generation: Callable[[GenerationLog], None] | None) -> None:
+    """Evaluate (memoised) every individual and log the generation."""
+    for ind in pop:
+        ind.fitness.values = (evaluate(ind)[0],)
+    fits = [ind.fitness.values[0] for ind in pop]
+    best = max(pop, key=lambda i: i.fitness.values[0])
+    log = GenerationLog(generation, max(fits), float(np.mean(fits)), evaluate.evaluations, evaluate.per_minute, evaluate(best)[1])
+    history.append(log)
+    if on_generation:
+        on_generation(log)
+
+
 def _creator(name: str, weights: tuple[float, ...], base: type) -> Any:
     from deap import base as deap_base
     from deap import creator
@@ -208,14 +221,7 @@ def run_binary_ga(
     pop = [Individual(repair([int(rng.random() < init_one_prob) for _ in range(length)], rng)) for _ in range(config.population)]
     history: list[GenerationLog] = []
     for generation in range(config.generations + 1):
-        for ind in pop:
-            ind.fitness.values = (evaluate(ind)[0],)
-        fits = [ind.fitness.values[0] for ind in pop]
-        best = max(pop, key=lambda i: i.fitness.values[0])
-        log = GenerationLog(generation, max(fits), float(np.mean(fits)), evaluate.evaluations, evaluate.per_minute, evaluate(best)[1])
-        history.append(log)
-        if on_generation:
-            on_generation(log)
+        _score_generation(pop, generation, evaluate, history, on_generation)
         if generation == config.generations:
             break
         elite = tools.selBest(pop, 1)
@@ -256,14 +262,7 @@ def run_rates_ga(
     history: list[GenerationLog] = []
     n_elite = max(1, int(config.elite_fraction * config.population))
     for generation in range(config.generations + 1):
-        for ind in pop:
-            ind.fitness.values = (evaluate(ind)[0],)
-        fits = [ind.fitness.values[0] for ind in pop]
-        best = max(pop, key=lambda i: i.fitness.values[0])
-        log = GenerationLog(generation, max(fits), float(np.mean(fits)), evaluate.evaluations, evaluate.per_minute, evaluate(best)[1])
-        history.append(log)
-        if on_generation:
-            on_generation(log)
+        _score_generation(pop, generation, evaluate, history, on_generation)
         if generation == config.generations:
             break
         elite = [Individual(list(i)) for i in tools.selBest(pop, n_elite)]

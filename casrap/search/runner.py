@@ -91,24 +91,23 @@ def task_head_importance(model: Any, tokenizer: Any, prompts: list[LabelledPromp
     return groups / groups.sum()
 
 
-def _ppl_eval(bank: ProfileBank, plan: PruningPlan, scorer: PerplexityScorer) -> tuple[float, tuple[float, float]]:
+def _evaluate(bank: ProfileBank, plan: PruningPlan, score: Callable[[], tuple[float, tuple[float, float]]]) -> tuple[float, tuple[float, float]]:
+    """Score a plan once with a temporary profile (removed afterwards)."""
     plan.name = "__eval__"
     bank.add(plan)
     try:
         with bank.using(plan.name):
-            return scorer.ppl_with_ci()
+            return score()
     finally:
         bank.remove(plan.name)
+
+
+def _ppl_eval(bank: ProfileBank, plan: PruningPlan, scorer: PerplexityScorer) -> tuple[float, tuple[float, float]]:
+    return _evaluate(bank, plan, scorer.ppl_with_ci)
 
 
 def _task_eval(bank: ProfileBank, plan: PruningPlan, scorer: SafetyScorer) -> tuple[float, tuple[float, float]]:
-    plan.name = "__eval__"
-    bank.add(plan)
-    try:
-        with bank.using(plan.name):
-            return scorer.auroc_with_ci()
-    finally:
-        bank.remove(plan.name)
+    return _evaluate(bank, plan, scorer.auroc_with_ci)
 
 
 def _row(method: str, sparsity: float, split_scores: dict[str, tuple[float, tuple[float, float]]], n: dict[str, int]) -> dict[str, Any]:
