@@ -29,13 +29,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{run_dir} has no metrics.jsonl: not a casrap run folder")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except ValueError:
-            if number == len(path.read_text().splitlines()):
+            if number == len(lines):
                 break  # a run killed mid-write leaves a partial last line; keep the rest
             raise InputError(f"{path}:{number}: invalid JSON") from None
     return records

@@ -176,6 +176,13 @@ def repair_rates(genome: list[float], target: float, max_rate: float) -> list[fl
 
 
 # -------------------------------------------------------------------------- runs
+def _seeded(config: SearchConfig, name: str, weights: tuple[float, ...]) -> tuple[random.Random, Any]:
+    """Seed every RNG DEAP may touch; return our RNG and the DEAP individual class."""
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    return random.Random(config.seed), _creator(name, weights, list)
+
+
 def _score_generation(pop: list[Any], generation: int, evaluate: MemoEvaluator, history: list[GenerationLog],
                       on_generation: Callable[[GenerationLog], None] | None) -> None:
     """Evaluate (memoised) every individual and log the generation."""
@@ -214,10 +221,7 @@ def run_binary_ga(
     """Single-objective GA over bit strings: cxOnePoint, mutFlipBit, selTournament."""
     from deap import tools
 
-    rng = random.Random(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    Individual = _creator(encoding, (1.0,), list)
+    rng, Individual = _seeded(config, encoding, (1.0,))
     pop = [Individual(repair([int(rng.random() < init_one_prob) for _ in range(length)], rng)) for _ in range(config.population)]
     history: list[GenerationLog] = []
     for generation in range(config.generations + 1):
@@ -248,10 +252,7 @@ def run_rates_ga(
     """Per-layer rates: 50% elitism, bounded mutation (±rate_step), blend crossover."""
     from deap import tools
 
-    rng = random.Random(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    Individual = _creator("rates", (1.0,), list)
+    rng, Individual = _seeded(config, "rates", (1.0,))
 
     def fix(ind: list[float]) -> list[float]:
         return repair_rates(ind, target, config.max_rate)
@@ -290,9 +291,7 @@ def run_nsga2(
     """Pareto front over layer sets: minimise perplexity, maximise ideal speedup."""
     from deap import tools
 
-    rng = random.Random(config.seed)
-    random.seed(config.seed)
-    Individual = _creator("nsga2", (-1.0, 1.0), list)
+    rng, Individual = _seeded(config, "nsga2", (-1.0, 1.0))
 
     def fix(ind: list[int]) -> list[int]:
         return repair_layer_set(ind, None, rng)
