@@ -190,7 +190,7 @@ def test(
     replay: Optional[str] = typer.Option(None, help="evaluate on recorded measurements (test split)"),
     reward: Optional[str] = typer.Option(None, "--reward", help="reward (default: the one trained with)"),
     slo_lambda: Optional[float] = typer.Option(None, "--slo-lambda", help="default: the one trained with"),
-    budgets_per_context: int = typer.Option(5, help="latency budgets drawn per context (slo reward)"),
+    budgets_per_context: int = typer.Option(20, help="latency budgets drawn per context (slo reward)"),
     wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
     seed: int = typer.Option(0),

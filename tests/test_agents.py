@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from casrap.agents import AgentConfig, DoubleDQN, double_dqn_targets
+from casrap.agents.baselines import StaticPolicy
 from casrap.agents.evaluate import compare_policies
 from casrap.agents.training import TrainConfig, load_policy, train
 from casrap.envs.replay import PruningReplayEnv, load_replay
@@ -106,3 +107,15 @@ def test_comparison_includes_statics_random_and_oracle():
     oracle = comparison.scores[-1].mean_reward
     assert all(s.mean_reward <= oracle + 1e-12 for s in comparison.scores)
     assert comparison.n == 2 * env.n_contexts
+
+
+def test_paired_gain_over_best_static_is_zero_for_that_static_action():
+    env = PruningReplayEnv("bundled", split="test", reward=RewardConfig(kind="slo"))
+    probe = compare_policies(env, None, budgets_per_context=2, seed=1)
+    best_index = env.action_names.index(probe.best_static.removeprefix("static:"))
+    comparison = compare_policies(env, StaticPolicy(best_index), budgets_per_context=2, seed=1)
+    assert comparison.gain_over_best_static == pytest.approx(0.0)
+    assert comparison.captured_share == pytest.approx(0.0)
+    none = compare_policies(env, StaticPolicy(0), budgets_per_context=2, seed=1)
+    assert none.gain_over_best_static < 0
+    assert "rewards" not in none.to_dict()["scores"][0]

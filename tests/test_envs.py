@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -107,7 +108,9 @@ def test_rewards_on_hand_computed_cases():
     assert casrap_reward(very_slow) == (-20.0, True)
     assert linear_reward(fast, alpha=2.0, beta=0.5)[0] == pytest.approx(2 * 0.25 - 0.5 * 0.1)
     over = RewardInput(1.0, 1.0, 12.0, 10.0, budget_s=0.8)
-    assert slo_reward(over, lam=2.0)[0] == pytest.approx(-0.2 - 2.0 * 0.25)
+    assert slo_reward(over, lam=2.0)[0] == pytest.approx(-math.log(1.2) - 2.0 * 0.25)
+    better = RewardInput(1.0, 1.0, 8.0, 10.0, budget_s=0.8)
+    assert slo_reward(better, lam=2.0)[0] == pytest.approx(-2.0 * 0.25)  # lower perplexity earns nothing
     within = RewardInput(0.7, 1.0, 10.0, 10.0, budget_s=0.8)
     assert slo_reward(within)[0] == 0.0
 

@@ -31,6 +31,7 @@ class PolicyScore:
     mean_kl: float
     budget_met: float | None
     actions: dict[str, int] = field(default_factory=dict)
+    rewards: list[float] = field(default_factory=list, repr=False)  # per decision, same order for every policy
 
 
 @dataclass
@@ -40,22 +41,27 @@ class Comparison:
     scores: list[PolicyScore]
     best_static: str
     captured_share: float | None  # (policy - best static) / (oracle - best static)
+    gain_over_best_static: float | None = None  # paired mean of policy - best static, per decision
+    gain_ci95: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        scores = [{k: v for k, v in asdict(s).items() if k != "rewards"} for s in self.scores]
         return {"n": self.n, "reward": self.reward, "best_static": self.best_static, "captured_share": self.captured_share,
-                "scores": [asdict(s) for s in self.scores]}
+                "gain_over_best_static": self.gain_over_best_static, "gain_ci95": self.gain_ci95, "scores": scores}
 
     def markdown(self) -> str:
         lines = [f"Comparison on {self.n} held-out decisions, reward `{self.reward}` (mean ± 95% CI):", "",
-                 "| policy | mean reward | speedup | quality loss | KL | budget met | most used |", "|---|---:|---:|---:|---:|---:|---|"]
+                 "| policy | mean reward | speedup | ppl increase | KL | budget met | most used |", "|---|---:|---:|---:|---:|---:|---|"]
         for s in self.scores:
             top = ", ".join(f"{k}:{v}" for k, v in sorted(s.actions.items(), key=lambda kv: -kv[1])[:3])
             met = f"{100 * s.budget_met:.0f}%" if s.budget_met is not None else "-"
             lines.append(f"| {s.name} | {s.mean_reward:.4f} ± {s.reward_ci95:.4f} | {100 * s.mean_speedup:.1f}% | "
                          f"{100 * s.mean_degradation:.1f}% | {s.mean_kl:.3f} | {met} | {top} |")
+        if self.gain_over_best_static is not None:
+            lines += ["", f"Best static action: `{self.best_static}`. Policy minus it, paired over the same decisions: "
+                          f"{self.gain_over_best_static:+.4f} ± {self.gain_ci95:.4f} (95% CI)."]
         if self.captured_share is not None:
-            lines += ["", f"Best static action: `{self.best_static}`. The policy captures "
-                          f"{100 * self.captured_share:.0f}% of the oracle's gain over it."]
+            lines += [f"The policy captures {100 * self.captured_share:.0f}% of the oracle's gain over the best static action."]
         return "\n".join(lines)
 
 
@@ -77,7 +83,7 @@ def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]],
     r = np.array(rewards)
     ci = 1.96 * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
     return PolicyScore(name, float(r.mean()), float(ci), float(np.mean(speedups)), float(np.mean(degradations)),
-                       float(np.mean(kls)), float(np.mean(met)) if met else None, counts)
+                       float(np.mean(kls)), float(np.mean(met)) if met else None, counts, [float(v) for v in r])
 
 
 def compare_policies(
@@ -105,7 +111,11 @@ def compare_policies(
     oracle_score = _score("oracle (hindsight)", env, decisions, oracle)
     scores.append(oracle_score)
     best = max(statics, key=lambda s: s.mean_reward)
-    share = None
-    if policy is not None and oracle_score.mean_reward > best.mean_reward:
-        share = (scores[0].mean_reward - best.mean_reward) / (oracle_score.mean_reward - best.mean_reward)
-    return Comparison(len(decisions), env.reward_config.kind, scores, best.name, share)
+    share = gain = gain_ci = None
+    if policy is not None:
+        diff = np.array(scores[0].rewards) - np.array(best.rewards)
+        gain = float(diff.mean())
+        gain_ci = float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        if oracle_score.mean_reward > best.mean_reward:
+            share = (scores[0].mean_reward - best.mean_reward) / (oracle_score.mean_reward - best.mean_reward)
+    return Comparison(len(decisions), env.reward_config.kind, scores, best.name, share, gain, gain_ci)
