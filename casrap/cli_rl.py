@@ -247,7 +247,7 @@ def test(
     if as_json:
         emit_json(result)
         return
-    out.print(comparison.markdown(), soft_wrap=True)
+    out.print(comparison.markdown(), soft_wrap=True, markup=False)
     if "perplexity" in result:
         out.print("perplexity on " + ", ".join(f"{k}: {v:.2f}" for k, v in result["perplexity"].items() if k != "corpus") + f" ({result['perplexity']['corpus']})")
     out.print(f"report: {run_dir / 'report.md'}")
@@ -326,5 +326,5 @@ def search(
     if as_json:
         emit_json({"run_dir": str(run_dir), "report": str(path), **{k: v for k, v in report_data.items() if k.endswith("_table")}})
         return
-    out.print(path.read_text(), soft_wrap=True, highlight=False)
+    out.print(path.read_text(), soft_wrap=True, highlight=False, markup=False)
     out.print(f"plans saved under {plans_dir}; report {path}")

@@ -83,3 +83,17 @@ def test_search_cli_end_to_end_on_tiny(tmp_path):
     bench = json.loads(run(["bench", "--model", "tiny-random-llama", "-p", "plans/layers-ga-k1.json", "--tokens", "3", "--pairs", "1",
                             "--corpus", "offline", "--ppl-max-tokens", "64", "--json"], tmp_path).stdout)
     assert bench["profiles"][1]["name"] == "layers-ga-k1"
+
+
+def test_nsga2_scores_each_layer_set_once_and_never_removes_every_layer():
+    calls: list[tuple[int, ...]] = []
+
+    def objectives(genome: list[int]) -> tuple[float, float]:
+        calls.append(tuple(genome))
+        return float(2 ** sum(genome)), 1.0 + sum(genome) / len(genome)
+
+    config = ga.SearchConfig(population=8, generations=3, seed=3)
+    result = ga.run_nsga2(10, objectives, config)
+    assert len(calls) == len(set(calls)) == result.evaluations
+    assert result.history[-1].evaluations == result.evaluations
+    assert all(0 < len(genome) - sum(genome) for genome, _ in result.front)

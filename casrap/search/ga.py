@@ -292,6 +292,17 @@ def run_nsga2(
     from deap import tools
 
     rng, Individual = _seeded(config, "nsga2", (-1.0, 1.0))
+    cache: dict[tuple[int, ...], tuple[float, float]] = {}
+    spent = [0.0]
+
+    def objectives(ind: list[int]) -> tuple[float, float]:
+        """Memoised: a layer set is scored once; counted for the evaluations-per-minute log."""
+        key = tuple(ind)
+        if key not in cache:
+            start = time.perf_counter()
+            cache[key] = evaluate_objectives(list(ind))
+            spent[0] += time.perf_counter() - start
+        return cache[key]
 
     def fix(ind: list[int]) -> list[int]:
         return repair_layer_set(ind, None, rng)
@@ -299,7 +310,7 @@ def run_nsga2(
     size = config.population + (-config.population % 4)
     pop = [Individual(fix([int(rng.random() < rng.uniform(0.05, 0.5)) if 0 < i < layers - 1 else 0 for i in range(layers)])) for _ in range(size)]
     for ind in pop:
-        ind.fitness.values = evaluate_objectives(ind)
+        ind.fitness.values = objectives(ind)
     pop = tools.selNSGA2(pop, size)
     history: list[GenerationLog] = []
     for generation in range(config.generations):
@@ -311,10 +322,11 @@ def run_nsga2(
             if rng.random() < config.mutpb:
                 tools.mutFlipBit(ind, indpb=2.0 / layers)
             fix(ind)
-            ind.fitness.values = evaluate_objectives(ind)
+            ind.fitness.values = objectives(ind)
         pop = tools.selNSGA2(pop + offspring, size)
         ppls = [i.fitness.values[0] for i in pop]
-        log = GenerationLog(generation + 1, -min(ppls), -float(np.mean(ppls)), 0, float("nan"))
+        rate = 60.0 * len(cache) / spent[0] if spent[0] else float("nan")
+        log = GenerationLog(generation + 1, -min(ppls), -float(np.mean(ppls)), len(cache), rate)
         history.append(log)
         if on_generation:
             on_generation(log)
@@ -322,7 +334,7 @@ def run_nsga2(
     unique = {tuple(i): (list(i), tuple(i.fitness.values)) for i in front}
     ordered = sorted(unique.values(), key=lambda item: item[1][1])
     best = ordered[0]
-    return SearchResult("nsga2", best[0], -best[1][0], history, 0, front=ordered)
+    return SearchResult("nsga2", best[0], -best[1][0], history, len(cache), front=ordered)
 
 
 def finite(value: float) -> float:
