@@ -209,6 +209,19 @@ def _creator(name: str, weights: tuple[float, ...], base: type) -> Any:
     return getattr(creator, ind_name)
 
 
+def _vary_bits(offspring: list[Any], config: SearchConfig, rng: random.Random, repair: Callable[[Any], Any]) -> None:
+    """One-point crossover on pairs, flip-bit mutation (about two bits), then repair, in place."""
+    from deap import tools
+
+    for a, b in zip(offspring[::2], offspring[1::2]):
+        if rng.random() < config.cxpb:
+            tools.cxOnePoint(a, b)
+    for ind in offspring:
+        if rng.random() < config.mutpb:
+            tools.mutFlipBit(ind, indpb=2.0 / len(ind))
+        repair(ind)
+
+
 def run_binary_ga(
     encoding: str,
     length: int,
@@ -230,13 +243,7 @@ def run_binary_ga(
             break
         elite = tools.selBest(pop, 1)
         offspring = [Individual(list(i)) for i in tools.selTournament(pop, len(pop) - 1, tournsize=config.tournament)]
-        for a, b in zip(offspring[::2], offspring[1::2]):
-            if rng.random() < config.cxpb:
-                tools.cxOnePoint(a, b)
-        for ind in offspring:
-            if rng.random() < config.mutpb:
-                tools.mutFlipBit(ind, indpb=2.0 / length)
-            repair(ind, rng)
+        _vary_bits(offspring, config, rng, lambda ind: repair(ind, rng))
         pop = [Individual(list(e)) for e in elite] + offspring
     best = max(pop, key=lambda i: i.fitness.values[0])
     return SearchResult(encoding, list(best), best.fitness.values[0], history, evaluate.evaluations)
@@ -315,13 +322,8 @@ def run_nsga2(
     history: list[GenerationLog] = []
     for generation in range(config.generations):
         offspring = [Individual(list(i)) for i in tools.selTournamentDCD(pop, size)]
-        for a, b in zip(offspring[::2], offspring[1::2]):
-            if rng.random() < config.cxpb:
-                tools.cxOnePoint(a, b)
+        _vary_bits(offspring, config, rng, fix)
         for ind in offspring:
-            if rng.random() < config.mutpb:
-                tools.mutFlipBit(ind, indpb=2.0 / layers)
-            fix(ind)
             ind.fitness.values = objectives(ind)
         pop = tools.selNSGA2(pop + offspring, size)
         ppls = [i.fitness.values[0] for i in pop]
