@@ -65,6 +65,11 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _ci95(values: np.ndarray) -> float:
+    """Half-width of the normal 95% interval of the mean (nan for fewer than two values)."""
+    return float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]], choose: Any) -> PolicyScore:
     rewards, speedups, degradations, kls, met = [], [], [], [], []
     counts: dict[str, int] = {}
@@ -81,8 +86,7 @@ def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]],
         label = env.action_names[action]
         counts[label] = counts.get(label, 0) + 1
     r = np.array(rewards)
-    ci = 1.96 * r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
-    return PolicyScore(name, float(r.mean()), float(ci), float(np.mean(speedups)), float(np.mean(degradations)),
+    return PolicyScore(name, float(r.mean()), _ci95(r), float(np.mean(speedups)), float(np.mean(degradations)),
                        float(np.mean(kls)), float(np.mean(met)) if met else None, counts, [float(v) for v in r])
 
 
@@ -114,8 +118,7 @@ def compare_policies(
     share = gain = gain_ci = None
     if policy is not None:
         diff = np.array(scores[0].rewards) - np.array(best.rewards)
-        gain = float(diff.mean())
-        gain_ci = float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+        gain, gain_ci = float(diff.mean()), _ci95(diff)
         if oracle_score.mean_reward > best.mean_reward:
             share = (scores[0].mean_reward - best.mean_reward) / (oracle_score.mean_reward - best.mean_reward)
     return Comparison(len(decisions), env.reward_config.kind, scores, best.name, share, gain, gain_ci)

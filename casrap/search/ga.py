@@ -69,15 +69,12 @@ class SearchResult:
     front: list[tuple[list[Any], tuple[float, ...]]] = field(default_factory=list)
 
 
-class MemoEvaluator:
-    """Evaluates a genome once: builds its plan, activates it in the bank, scores it."""
+class Memo:
+    """Calls ``fn`` once per distinct genome; counts and times those calls (evaluations/min)."""
 
-    def __init__(self, bank: ProfileBank, to_plan: Callable[[list[Any]], PruningPlan],
-                 score: Callable[[PruningPlan], tuple[float, dict[str, float]]]) -> None:
-        self.bank = bank
-        self.to_plan = to_plan
-        self.score = score
-        self.cache: dict[tuple[Any, ...], tuple[float, dict[str, float]]] = {}
+    def __init__(self, fn: Callable[[list[Any]], Any]) -> None:
+        self.fn = fn
+        self.cache: dict[tuple[Any, ...], Any] = {}
         self.evaluations = 0
         self.seconds = 0.0
 
@@ -85,18 +82,11 @@ class MemoEvaluator:
     def key(genome: list[Any]) -> tuple[Any, ...]:
         return tuple(round(g, 4) if isinstance(g, float) else g for g in genome)
 
-    def __call__(self, genome: list[Any]) -> tuple[float, dict[str, float]]:
+    def __call__(self, genome: list[Any]) -> Any:
         k = self.key(genome)
         if k not in self.cache:
             start = time.perf_counter()
-            plan = self.to_plan(list(genome))
-            plan.name = "__search__"
-            self.bank.add(plan)
-            try:
-                self.bank.activate(plan.name)
-                self.cache[k] = self.score(plan)
-            finally:
-                self.bank.remove(plan.name)
+            self.cache[k] = self.fn(list(genome))
             self.evaluations += 1
             self.seconds += time.perf_counter() - start
         return self.cache[k]
@@ -104,6 +94,27 @@ class MemoEvaluator:
     @property
     def per_minute(self) -> float:
         return 60.0 * self.evaluations / self.seconds if self.seconds else float("nan")
+
+
+class MemoEvaluator(Memo):
+    """Evaluates a genome once: builds its plan, activates it in the bank, scores it."""
+
+    def __init__(self, bank: ProfileBank, to_plan: Callable[[list[Any]], PruningPlan],
+                 score: Callable[[PruningPlan], tuple[float, dict[str, float]]]) -> None:
+        super().__init__(self._score_genome)
+        self.bank = bank
+        self.to_plan = to_plan
+        self.score = score
+
+    def _score_genome(self, genome: list[Any]) -> tuple[float, dict[str, float]]:
+        plan = self.to_plan(genome)
+        plan.name = "__search__"
+        self.bank.add(plan)
+        try:
+            self.bank.activate(plan.name)
+            return self.score(plan)
+        finally:
+            self.bank.remove(plan.name)
 
 
 # ------------------------------------------------------------------ genome -> plan
@@ -299,17 +310,7 @@ def run_nsga2(
     from deap import tools
 
     rng, Individual = _seeded(config, "nsga2", (-1.0, 1.0))
-    cache: dict[tuple[int, ...], tuple[float, float]] = {}
-    spent = [0.0]
-
-    def objectives(ind: list[int]) -> tuple[float, float]:
-        """Memoised: a layer set is scored once; counted for the evaluations-per-minute log."""
-        key = tuple(ind)
-        if key not in cache:
-            start = time.perf_counter()
-            cache[key] = evaluate_objectives(list(ind))
-            spent[0] += time.perf_counter() - start
-        return cache[key]
+    objectives = Memo(evaluate_objectives)
 
     def fix(ind: list[int]) -> list[int]:
         return repair_layer_set(ind, None, rng)
@@ -327,8 +328,7 @@ def run_nsga2(
             ind.fitness.values = objectives(ind)
         pop = tools.selNSGA2(pop + offspring, size)
         ppls = [i.fitness.values[0] for i in pop]
-        rate = 60.0 * len(cache) / spent[0] if spent[0] else float("nan")
-        log = GenerationLog(generation + 1, -min(ppls), -float(np.mean(ppls)), len(cache), rate)
+        log = GenerationLog(generation + 1, -min(ppls), -float(np.mean(ppls)), objectives.evaluations, objectives.per_minute)
         history.append(log)
         if on_generation:
             on_generation(log)
@@ -336,7 +336,7 @@ def run_nsga2(
     unique = {tuple(i): (list(i), tuple(i.fitness.values)) for i in front}
     ordered = sorted(unique.values(), key=lambda item: item[1][1])
     best = ordered[0]
-    return SearchResult("nsga2", best[0], -best[1][0], history, len(cache), front=ordered)
+    return SearchResult("nsga2", best[0], -best[1][0], history, objectives.evaluations, front=ordered)
 
 
 def finite(value: float) -> float:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from casrap.search.data import LabelledPrompt, load_safety_task
 from casrap.search.fitness import PerplexityScorer, SafetyScorer, plan_sparsity
 
 ENCODINGS = ("rates", "layers", "heads", "nsga2")
+EVAL_PROFILE = "__eval__"
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,9 +93,9 @@ def task_head_importance(model: Any, tokenizer: Any, prompts: list[LabelledPromp
     return groups / groups.sum()
 
 
-def _evaluate(bank: ProfileBank, plan: PruningPlan, score: Callable[[], tuple[float, tuple[float, float]]]) -> tuple[float, tuple[float, float]]:
-    """Score a plan once with a temporary profile (removed afterwards)."""
-    plan.name = "__eval__"
+def _evaluate(bank: ProfileBank, plan: PruningPlan, score: Callable[[], T]) -> T:
+    """Score a plan once as the temporary profile ``EVAL_PROFILE`` (removed afterwards)."""
+    plan.name = EVAL_PROFILE
     bank.add(plan)
     try:
         with bank.using(plan.name):
@@ -230,14 +232,7 @@ def run_search(
 
     if "nsga2" in run.encodings:
         def objectives(genome: list[int]) -> tuple[float, float]:
-            plan = ga.layers_plan(genome)
-            plan.name = "__nsga__"
-            bank.add(plan)
-            try:
-                with bank.using(plan.name):
-                    return ppl["search"].ppl(), bank.ideal_speedup(plan.name)
-            finally:
-                bank.remove(plan.name)
+            return _evaluate(bank, ga.layers_plan(genome), lambda: (ppl["search"].ppl(), bank.ideal_speedup(EVAL_PROFILE)))
 
         result = ga.run_nsga2(info.layers, objectives, cfg, note("nsga2"))
         baselines = {}
