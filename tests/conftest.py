@@ -26,6 +26,20 @@ def tiny_eager():
     return tiny_llama(attn_implementation="eager")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_casrap_home(tmp_path_factory):
+    """Tests never read or write the user's cache, except the converted embedded model.
+
+    Calibrations made by tests go to a session folder; the embedded model's converted
+    checkpoint (30 s to rebuild) is shared through ``CASRAP_EMBEDDED_CACHE``.
+    """
+    from casrap.paths import casrap_home as real_home
+
+    os.environ.setdefault("CASRAP_EMBEDDED_CACHE", str(real_home() / "models" / "smollm2-135m"))
+    os.environ["CASRAP_HOME"] = str(tmp_path_factory.mktemp("casrap-home"))
+    yield
+
+
 @pytest.fixture()
 def casrap_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CASRAP_HOME", str(tmp_path / "home"))

@@ -29,7 +29,7 @@ def tiny_env(lm: Any, profiles=("none", "heads-25", "layers-25", "ffn-25"), rewa
     from casrap.profiles.factory import build_bank
     from casrap.telemetry import FakeTelemetry
 
-    bank = build_bank(lm.model, list(profiles), base_model="tiny")
+    bank = build_bank(lm.model, list(profiles), base_model="tiny", tokenizer=lm.tokenizer)
     prompts = kwargs.pop("prompts", None) or load_prompts(None, split="train")[:12]
     config = EnvConfig(max_new_tokens=tokens, reward=RewardConfig(kind=reward), **kwargs)
     return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, telemetry=FakeTelemetry(0), clock=StepClock(lm.model), prompts=prompts)

@@ -77,6 +77,6 @@ def test_info_and_bench_json_on_tiny(tmp_path):
     for p in bench["profiles"]:
         for key in ("name", "params_removed", "ideal_speedup", "speedup", "ppl", "kl", "switch_ms"):
             assert key in p
-    assert bench["corpus"] == "casrap-prose"
+    assert bench["corpus"] == "casrap-prose/test"  # held-out third, never calibration text
     masked = bench["profiles"][3]
     assert masked["functional"] and masked["ideal_speedup"] == 1.0

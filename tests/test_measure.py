@@ -110,7 +110,7 @@ def test_offline_corpus_is_real_prose_and_auto_falls_back():
     assert len(corpus.text.split()) > 2000
     assert len(corpus.paragraphs()) >= 20
     chosen = load_corpus("auto")
-    assert chosen.name in {"casrap-prose", "wikitext-2-raw-v1/test"}
+    assert chosen.name in {"casrap-prose/test", "wikitext-2-raw-v1/test"}
 
 
 def test_unreadable_and_empty_corpus(tmp_path):

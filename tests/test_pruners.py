@@ -8,7 +8,7 @@ from casrap.models import describe
 from casrap.profiles import FULL, ProfileBank, PruningPlan, build_plan
 from casrap.profiles.export import export_blocker, export_checkpoint
 from casrap.pruners.heads import check_gqa_integrity, plan_kv_groups, plan_query_heads
-from casrap.pruners.importance import Importance, calibrate, load_or_weight_norm, weight_norm_importance
+from casrap.pruners.importance import Importance, calibrate, load_or_calibrate, weight_norm_importance
 from casrap.pruners.layers import plan_skip_layers
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 77, 12, 64, 31, 2, 250]])
@@ -218,14 +218,18 @@ def test_calibration_is_saved_keyed_and_reused(tiny, casrap_home):
     assert imp.heads.shape == (4, 8) and imp.ffn.shape == (4, 128) and imp.layers.shape == (4,)
     assert (imp.heads > 0).all() and (imp.layers > 0).all()
     assert imp.heads.std() > 0  # activation-based, not the constant 1/L of mean attention
-    from casrap.pruners.importance import default_calibration_path, model_key
+    from casrap.models.architecture import model_key
+    from casrap.pruners.importance import default_calibration_path
 
     saved = imp.save(default_calibration_path(tiny.model))
-    again = load_or_weight_norm(tiny.model)
-    assert again.source == "calibrated:2"
+    again, calibrated_now = load_or_calibrate(tiny.model)
+    assert again.source == "calibrated:2" and not calibrated_now
     torch.testing.assert_close(again.heads, imp.heads)
     with torch.no_grad():  # a different model must not reuse this calibration
         tiny.model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
-    assert load_or_weight_norm(tiny.model).source == "weight-norm"
+    with pytest.raises(CheckpointError, match="no calibration"):
+        load_or_calibrate(tiny.model)  # no tokenizer: a one-line error, never a silent weight-norm fallback
+    fresh, calibrated_now = load_or_calibrate(tiny.model, tiny.tokenizer)
+    assert calibrated_now and fresh.source.startswith("calibrated:") and default_calibration_path(tiny.model).is_file()
     with pytest.raises(CheckpointError, match="another model"):
         Importance.load(saved, expected_key=model_key(tiny.model))

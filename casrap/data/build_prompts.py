@@ -116,6 +116,81 @@ def creative() -> list[str]:
     return [f"Write {form} about {subject}." for form in FORMS for subject in SUBJECTS]
 
 
+TEST_FRACTION = 0.2
+SUMMARISE_TEST_PARAGRAPHS = range(16, 21)  # passages wholly inside go to test; windows straddling 15|16 are dropped
+
+
+def _group_of(category: str, prompt: str) -> str:
+    """The near-duplicate family a prompt belongs to; a family never straddles the split.
+
+    Templated prompts that differ only in a slot (country, element, dish, numbers) share
+    a group per template; code prompts share a group per task (the same task in three
+    languages); creative ones per subject; one-off facts are their own group.
+    """
+    if category == "factual":
+        for prefix in ("What is the capital of", "What is the chemical symbol for", "How many legs does a", "Which continent is"):
+            if prompt.startswith(prefix):
+                return f"factual:{prefix}"
+        return f"factual:{prompt}"
+    if category == "instruction":
+        for template in INSTRUCTIONS:
+            if prompt.startswith(template.split("{")[0]):
+                return f"instruction:{template}"
+    if category == "reasoning":
+        return f"reasoning:{prompt.split()[0]}"
+    if category == "code":
+        return "code:" + prompt.split(" function that ", 1)[1]
+    if category == "creative":
+        return "creative:" + prompt.split(" about ", 1)[1]
+    return f"{category}:{prompt}"
+
+
+def _stable_rank(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def assign_splits(rows: list[tuple[str, str]], paragraphs: list[str]) -> list[tuple[str, str, str, str]]:
+    """(category, prompt, group, split) with a fixed split that no seed changes.
+
+    Per category, whole groups go to test in the order of a hash of their name until
+    the category's test share reaches 20%. Summarise prompts are windows of 1-4
+    consecutive paragraphs: windows inside the last five paragraphs are test, windows
+    wholly before them train, and the few straddling the border are left out
+    (``split=none``), so that no passage appears on both sides.
+    """
+    out: list[tuple[str, str, str, str]] = []
+    by_category: dict[str, list[tuple[str, str]]] = {}
+    for category, prompt in rows:
+        by_category.setdefault(category, []).append((prompt, _group_of(category, prompt)))
+    test_groups: set[str] = set()
+    for category, items in by_category.items():
+        if category == "summarise":
+            continue
+        sizes: dict[str, int] = {}
+        for _, group in items:
+            sizes[group] = sizes.get(group, 0) + 1
+        taken = 0
+        for group in sorted(sizes, key=_stable_rank):
+            if taken >= TEST_FRACTION * len(items):
+                break
+            if taken + sizes[group] > 0.35 * len(items):
+                continue  # a template too big to fit keeps the category's test share near 20%
+            test_groups.add(group)
+            taken += sizes[group]
+    for category, prompt in rows:
+        if category == "summarise":
+            used = [i for i, p in enumerate(paragraphs) if p in prompt]
+            inside = [i in SUMMARISE_TEST_PARAGRAPHS for i in used]
+            split = "test" if all(inside) else "train" if not any(inside) else "none"
+            out.append((category, prompt, f"summarise:paragraphs {used[0]}-{used[-1]}", split))
+        else:
+            group = _group_of(category, prompt)
+            out.append((category, prompt, group, "test" if group in test_groups else "train"))
+    return out
+
+
 def build(seed: int = 0) -> list[tuple[str, str]]:
     from casrap.measure.corpus import offline_corpus
 
@@ -136,13 +211,15 @@ def build(seed: int = 0) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    rows = build()
+    from casrap.measure.corpus import offline_corpus
+
+    rows = assign_splits(build(), offline_corpus().paragraphs())
     path = Path(__file__).with_name("prompts.csv")
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "category", "prompt"])
-        for i, (category, prompt) in enumerate(rows):
-            writer.writerow([i, category, prompt])
+        writer.writerow(["id", "category", "prompt", "group", "split"])
+        for i, (category, prompt, group, split) in enumerate(rows):
+            writer.writerow([i, category, prompt, group, split])
     print(f"wrote {len(rows)} prompts to {path}")
 
 

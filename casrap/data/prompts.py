@@ -1,13 +1,19 @@
 """Prompt datasets: the bundled set, a user's CSV/JSONL, or a hub dataset id.
 
-The bundled ``prompts.csv`` (541 prompts, six categories) splits 80/20 into train and
-test with a fixed seed. A user file needs a ``prompt`` or ``Prompt`` column; a
-malformed one gets an error naming the line or column.
+Splits are fixed and grouped, independent of every seed. The bundled ``prompts.csv``
+(541 prompts, six categories) carries ``group`` and ``split`` columns written by
+:mod:`casrap.data.build_prompts`: near-duplicates (one template, one task, one source
+passage) share a group, and a group lies wholly on one side (413 train, 122 test, 6
+left out because their passage straddles the border). A user file may carry the same
+columns; without ``split``, a prompt's group (its ``group`` column, else its text) is
+hashed, and about 20% of groups go to test. A user file needs a ``prompt`` or
+``Prompt`` column; a malformed one gets an error naming the line or column.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -15,29 +21,51 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from casrap.errors import InputError
 
 Split = Literal["train", "test", "all"]
 PROMPT_COLUMNS = ("prompt", "Prompt")
-TRAIN_FRACTION = 0.8
+TEST_FRACTION = 0.2
+
+
+def text_key(text: str) -> str:
+    """A short, stable key of a prompt's text (checkpoints store these, not the prompts)."""
+    return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def hashed_split(group: str) -> str:
+    """``test`` for about 20% of group names, fixed by their hash (no seed involved)."""
+    bucket = int(hashlib.sha1(group.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < TEST_FRACTION else "train"
 
 
 @dataclass(frozen=True)
 class Prompt:
+    """One prompt; ``group`` is its near-duplicate family, ``split`` train | test | none."""
+
     id: str
     text: str
     category: str = ""
+    group: str = ""
+    split: str = ""
+
+    @property
+    def key(self) -> str:
+        return text_key(self.text)
 
 
-def _split(prompts: list[Prompt], split: Split, seed: int) -> list[Prompt]:
+def _make(id_: str, text: str, category: str, group: str, split: str, where: str) -> Prompt:
+    group = group or text
+    split = split or hashed_split(group)
+    if split not in {"train", "test", "none"}:
+        raise InputError(f"{where}: split must be train, test or none, not {split!r}")
+    return Prompt(id_, text, category, group, split)
+
+
+def _split(prompts: list[Prompt], split: Split) -> list[Prompt]:
     if split == "all":
-        return prompts
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    cut = int(round(TRAIN_FRACTION * len(prompts)))
-    chosen = order[:cut] if split == "train" else order[cut:]
-    return [prompts[i] for i in sorted(chosen)]
+        return [p for p in prompts if p.split != "none"]
+    return [p for p in prompts if p.split == split]
 
 
 def _prompt_column(fields: list[str] | None, where: str) -> str:
@@ -59,7 +87,8 @@ def _read_csv(text: str, where: str) -> list[Prompt]:
             value = (row.get(column) or "").strip()
             if not value:
                 raise InputError(f"{where}:{line}: empty {column!r}")
-            prompts.append(Prompt(str(row.get("id") or len(prompts)), value, row.get("category") or row.get("type") or ""))
+            prompts.append(_make(str(row.get("id") or len(prompts)), value, row.get("category") or row.get("type") or "",
+                                 (row.get("group") or "").strip(), (row.get("split") or "").strip(), f"{where}:{line}"))
     except csv.Error as err:
         raise InputError(f"{where}:{reader.line_num}: {err}") from err
     return prompts
@@ -80,7 +109,8 @@ def _read_jsonl(text: str, where: str) -> list[Prompt]:
         value = str(record[column]).strip()
         if not value:
             raise InputError(f"{where}:{number}: empty {column!r}")
-        prompts.append(Prompt(str(record.get("id", len(prompts))), value, str(record.get("category", ""))))
+        prompts.append(_make(str(record.get("id", len(prompts))), value, str(record.get("category", "")),
+                             str(record.get("group", "")).strip(), str(record.get("split", "")).strip(), f"{where}:{number}"))
     return prompts
 
 
@@ -88,7 +118,7 @@ def _read_hub(dataset_id: str) -> list[Prompt]:
     try:
         from datasets import load_dataset
 
-        from casrap.measure.corpus import hub_reachable
+        from casrap.hub import hub_reachable
 
         if not hub_reachable():
             raise ConnectionError("the Hugging Face hub is not reachable")
@@ -99,11 +129,11 @@ def _read_hub(dataset_id: str) -> list[Prompt]:
             "offline, omit the option to use the bundled prompts, or pass a local CSV/JSONL"
         ) from err
     column = _prompt_column(list(data.column_names), dataset_id)
-    return [Prompt(str(i), str(t).strip()) for i, t in enumerate(data[column]) if str(t).strip()]
+    return [_make(str(i), str(t).strip(), "", "", "", dataset_id) for i, t in enumerate(data[column]) if str(t).strip()]
 
 
-def load_prompts(source: str | Path | None = None, split: Split = "all", seed: int = 0) -> list[Prompt]:
-    """Load prompts; ``source`` None means the bundled set."""
+def load_prompts(source: str | Path | None = None, split: Split = "all") -> list[Prompt]:
+    """Load prompts; ``source`` None means the bundled set. ``split`` is fixed (see module doc)."""
     if source is None:
         text = resources.files("casrap.data").joinpath("prompts.csv").read_text(encoding="utf-8")
         prompts = _read_csv(text, "prompts.csv")
@@ -120,4 +150,7 @@ def load_prompts(source: str | Path | None = None, split: Split = "all", seed: i
             prompts = _read_hub(str(source))
     if not prompts:
         raise InputError(f"no prompts in {source or 'the bundled set'}")
-    return _split(prompts, split, seed)
+    chosen = _split(prompts, split)
+    if not chosen:
+        raise InputError(f"no {split!r} prompts in {source or 'the bundled set'}")
+    return chosen

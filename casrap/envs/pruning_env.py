@@ -121,7 +121,8 @@ class PruningEnv(gym.Env):
             from casrap.profiles.factory import build_bank
 
             lm = load_model(self.config.model, device=self.config.device)
-            bank = build_bank(lm.model, self.config.profiles, base_model=self.config.model, structural=self.config.structural)
+            bank = build_bank(lm.model, self.config.profiles, base_model=self.config.model, structural=self.config.structural,
+                              tokenizer=lm.tokenizer)
             tokenizer = lm.tokenizer
         if tokenizer is None:
             raise ValueError("a tokenizer is required when a bank is injected")

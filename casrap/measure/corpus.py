@@ -7,18 +7,18 @@ offline corpus is never mistaken for a WikiText-2 figure.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from casrap.errors import InputError
+from casrap.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
 OFFLINE_CORPUS = "casrap-prose"
 WIKITEXT = "wikitext-2-raw-v1/test"
+EVALUATION_SPLITS = ("search", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,17 @@ def offline_corpus() -> Corpus:
     return Corpus(OFFLINE_CORPUS, text)
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Cheap check before asking ``datasets`` (whose retries take ~30 s offline)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def prose_split(split: str) -> Corpus:
+    """One of three disjoint, fixed thirds of the bundled prose (interleaved paragraphs).
+
+    ``search`` feeds genetic-search fitness, ``validation`` picks a search's winner,
+    ``test`` is what bench, ``casrap test`` and README report offline. None of them is
+    ever calibration text: calibration has its own file (:mod:`casrap.data.calibration`).
+    """
+    if split not in EVALUATION_SPLITS:
+        raise InputError(f"unknown prose split {split!r}; choose one of {', '.join(EVALUATION_SPLITS)}")
+    paragraphs = offline_corpus().paragraphs()[EVALUATION_SPLITS.index(split)::3]
+    return Corpus(f"{OFFLINE_CORPUS}/{split}", "\n\n".join(paragraphs))
 
 
 def wikitext2(max_chars: int | None = None) -> Corpus:
@@ -59,10 +61,11 @@ def wikitext2(max_chars: int | None = None) -> Corpus:
 
 
 def load_corpus(source: str = "auto", max_chars: int | None = None) -> Corpus:
-    """Resolve ``auto | wikitext2 | offline | PATH`` to a :class:`Corpus`.
+    """Resolve ``auto | wikitext2 | offline | PATH`` to a :class:`Corpus` for evaluation.
 
-    ``auto`` tries WikiText-2 and falls back to the bundled prose when ``datasets`` is
-    missing or the hub is unreachable.
+    ``auto`` tries WikiText-2 (test split) and falls back to the *test* third of the
+    bundled prose (:func:`prose_split`) when ``datasets`` is missing or the hub is
+    unreachable; ``offline`` is that test third directly.
     """
     if source in {"auto", "wikitext2", "wikitext"}:
         try:
@@ -75,7 +78,7 @@ def load_corpus(source: str = "auto", max_chars: int | None = None) -> Corpus:
             log.info("WikiText-2 unavailable (%s); using the bundled prose", type(err).__name__)
             source = "offline"
     if source == "offline":
-        corpus = offline_corpus()
+        corpus = prose_split("test")
     else:
         path = Path(source).expanduser()
         try:

@@ -126,3 +126,29 @@ def describe(model: Any) -> ArchitectureInfo:
             "ffn_channels": sum(layer.mlp.gate_proj.out_features for layer in layers),
         },
     )
+
+
+def model_key(model: Any) -> str:
+    """A fingerprint of the model's shapes and weights: calibrations and plans are keyed to it.
+
+    Reads the mean magnitude of every decoder layer's q and down projections and of the
+    embeddings (one pass over ~half the weights; milliseconds on SmolLM2), so two
+    checkpoints of the same architecture differ while the same weights loaded twice
+    (any dtype) agree. Call it on the full model, not while a profile is active.
+    """
+    import hashlib
+    import json
+
+    import torch
+
+    info = describe(model)
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        probe = torch.stack([
+            *(layer.self_attn.q_proj.weight.float().abs().mean() for layer in layers),
+            *(layer.mlp.down_proj.weight.float().abs().mean() for layer in layers),
+            model.get_input_embeddings().weight.float().abs().mean(),
+        ])
+    digest = hashlib.sha1(json.dumps([info.layers, info.query_heads, info.kv_heads, info.ffn_width, info.vocab_size]).encode())
+    digest.update(probe.round(decimals=5).cpu().numpy().tobytes())
+    return f"{info.model_type}-{info.layers}L-{digest.hexdigest()[:12]}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,9 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_cache_dir() -> Path:
-    return casrap_home() / "models" / EMBEDDED_ALIAS
+    """Where the converted checkpoint lives: ``CASRAP_EMBEDDED_CACHE`` if set, else under CASRAP_HOME."""
+    override = os.environ.get("CASRAP_EMBEDDED_CACHE")
+    return Path(override).expanduser() if override else casrap_home() / "models" / EMBEDDED_ALIAS
 
 
 def _cache_is_complete(directory: Path) -> bool:

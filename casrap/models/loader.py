@@ -11,31 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from casrap.errors import ModelLoadError
+from casrap.models.loaded import LoadedModel
 from casrap.models.embedded import EMBEDDED_ALIAS, ProgressCallback, ensure_embedded_checkpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = EMBEDDED_ALIAS
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM with its tokenizer and where it came from."""
-
-    model: Any
-    tokenizer: Any
-    spec: str
-    device: str
-    dtype: Any
-
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -119,7 +104,7 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         elif _looks_like_hub_id(spec):
-            from casrap.measure.corpus import hub_reachable
+            from casrap.hub import hub_reachable
 
             token = _hub_token()
             local_only = not hub_reachable()  # offline: use the local HF cache, fail fast

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from casrap.models.loader import LoadedModel
+from casrap.models.loaded import LoadedModel
 
 TINY_ALIAS = "tiny-random-llama"
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from casrap.errors import InputError
-from casrap.models.architecture import decoder_layers, head_dim_of
+from casrap.errors import CheckpointError, InputError, UnsupportedModelError
+from casrap.models.architecture import decoder_layers, describe, head_dim_of, model_key
 from casrap.profiles.catalogue import FULL
 from casrap.profiles.plan import PruningPlan
 from casrap.pruners.ffn import build_mlp
@@ -49,12 +49,30 @@ def _unique_tensors(modules: nn.Module) -> dict[int, torch.Tensor]:
     return found
 
 
+def refuse_hooked_model(model: Any) -> None:
+    """Raise for a model dispatched with accelerate hooks (``device_map=...``).
+
+    accelerate replaces each hooked module's ``forward`` with a bound method stored on
+    the instance; a layer shell would copy that method, still bound to the original
+    module, and every profile would silently run the unpruned layer.
+    """
+    for name, module in model.named_modules():
+        if hasattr(module, "_hf_hook") or "forward" in vars(module):
+            raise UnsupportedModelError(
+                f"module {name or 'model'} carries accelerate hooks (loaded with device_map?): profiles would run unpruned; "
+                "load the model without device_map and move it to one device"
+            )
+
+
 class ProfileBank:
     """Holds the full model and any number of profiles; switches in microseconds."""
 
     def __init__(self, model: Any, base_model: str = "") -> None:
+        refuse_hooked_model(model)
         self.model = model
         self.base_model = base_model
+        self.info = describe(model)
+        self.fingerprint = model_key(model)
         self.head_dim = head_dim_of(model)
         self._full_layers = decoder_layers(model)
         self._full_count = int(model.config.num_hidden_layers)
@@ -68,8 +86,13 @@ class ProfileBank:
         """Build a plan's modules once (slicing happens here, never at switch time)."""
         if plan.name in self._profiles:
             raise InputError(f"profile {plan.name!r} already exists in the bank")
-        if plan.skip_layers and len(plan.skip_layers) >= len(self._full_layers):
-            raise InputError(f"profile {plan.name!r} skips every layer")
+        if plan.fingerprint and plan.fingerprint != self.fingerprint:
+            raise CheckpointError(
+                f"plan {plan.name!r} was made for another model (fingerprint {plan.fingerprint}, "
+                f"loaded model {self.fingerprint}); rebuild it for this model"
+            )
+        info = self.info
+        plan.validate(info.layers, info.query_heads, info.kv_heads, info.ffn_width)
         start = time.perf_counter()
         if plan.is_identity:
             layers = self._full_layers

@@ -11,7 +11,7 @@ from casrap.models.architecture import describe
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL, build_plan
 from casrap.profiles.plan import PruningPlan
-from casrap.pruners.importance import Importance, load_or_weight_norm
+from casrap.pruners.importance import Importance, load_or_calibrate
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,13 @@ def build_bank(
     base_model: str = "",
     importance: Importance | None = None,
     structural: bool | None = None,
+    tokenizer: Any = None,
 ) -> ProfileBank:
     """A bank holding ``none`` plus every spec (``ffn-25``) or plan file (``x.json``).
 
-    Importance is the saved calibration for this model when one exists, else weight
-    norms (logged, and recorded in each plan's ``meta.importance``).
+    Importance is ``importance`` if given, else the saved calibration for this model,
+    else a calibration run now on the calibration text (needs ``tokenizer``; see
+    :func:`load_or_calibrate`). The source is recorded in each plan's ``meta.importance``.
     """
     bank = ProfileBank(model, base_model=base_model)
     info = describe(model)
@@ -42,8 +44,9 @@ def build_bank(
             plan = PruningPlan.load(Path(item))
         else:
             if imp is None:
-                imp = load_or_weight_norm(model)
+                imp, _ = load_or_calibrate(model, tokenizer)
                 log.info("importance source: %s", imp.source)
             plan = build_plan(item, imp, info, base_model=base_model, structural=structural)
+            plan.fingerprint = bank.fingerprint
         bank.add(plan)
     return bank

@@ -31,6 +31,8 @@ class PruningPlan:
         functional: mask instead of slice (no shape change, no speedup; for comparison
             and search).
         meta: free-form provenance (intensity, importance source, search run...).
+        fingerprint: :func:`casrap.pruners.importance.model_key` of the base model the
+            indices refer to; a bank refuses a plan made for another model.
     """
 
     name: str
@@ -41,6 +43,7 @@ class PruningPlan:
     skip_layers: list[int] = field(default_factory=list)
     functional: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
     @property
     def is_identity(self) -> bool:
@@ -67,9 +70,46 @@ class PruningPlan:
                 skip_layers=sorted(map(int, data.get("skip_layers", []))),
                 functional=bool(data.get("functional", False)),
                 meta=dict(data.get("meta", {})),
+                fingerprint=str(data.get("fingerprint", "")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"malformed plan: {err}") from err
+
+    def validate(self, layers: int, query_heads: int, kv_heads: int, ffn_width: int) -> None:
+        """Raise :class:`CheckpointError` (one line) unless every index fits this model's shape.
+
+        Head plans must keep the grouped layout: every kept kv head keeps the same
+        number of its own query heads (query head ``h`` belongs to kv head
+        ``h // group``), else ``repeat_kv`` would silently pair heads with the wrong
+        keys and values.
+        """
+        group = query_heads // kv_heads
+        where = f"plan {self.name!r}"
+        for layer in [*self.heads, *self.ffn, *self.skip_layers]:
+            if not 0 <= layer < layers:
+                raise CheckpointError(f"{where}: layer {layer} out of range (model has {layers} layers)")
+        for layer, kept in self.heads.items():
+            kv, q = kept["kv"], kept["q"]
+            if not kv or not q:
+                raise CheckpointError(f"{where}: layer {layer} keeps no kv or no query heads; skip the layer instead")
+            if len(set(kv)) != len(kv) or len(set(q)) != len(q):
+                raise CheckpointError(f"{where}: layer {layer} lists a head twice")
+            if any(not 0 <= h < kv_heads for h in kv) or any(not 0 <= h < query_heads for h in q):
+                raise CheckpointError(f"{where}: layer {layer} names a head out of range ({kv_heads} kv, {query_heads} query heads)")
+            per_kv = {g: sum(1 for h in q if h // group == g) for g in kv}
+            orphans = [h for h in q if h // group not in per_kv]
+            if orphans or len(set(per_kv.values())) != 1:
+                raise CheckpointError(
+                    f"{where}: layer {layer} breaks the grouped layout (group size {group}: kv {kv}, q {q}); "
+                    "every kept kv head must keep the same number of its own query heads"
+                )
+        for layer, channels in self.ffn.items():
+            if not channels:
+                raise CheckpointError(f"{where}: layer {layer} keeps no FFN channel; skip the layer instead")
+            if len(set(channels)) != len(channels) or any(not 0 <= c < ffn_width for c in channels):
+                raise CheckpointError(f"{where}: layer {layer} FFN channels repeat or fall outside 0..{ffn_width - 1}")
+        if len(set(self.skip_layers)) >= layers:
+            raise CheckpointError(f"{where}: skips every layer")
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

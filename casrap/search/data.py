@@ -43,7 +43,7 @@ def _bundled() -> list[LabelledPrompt]:
 def _hub(dataset_id: str) -> list[LabelledPrompt]:
     from datasets import load_dataset
 
-    from casrap.measure.corpus import hub_reachable
+    from casrap.hub import hub_reachable
 
     if not hub_reachable():
         raise ConnectionError("the Hugging Face hub is not reachable")

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from casrap.measure.corpus import load_corpus
+from casrap.measure.corpus import EVALUATION_SPLITS, OFFLINE_CORPUS, load_corpus, prose_split
 from casrap.models.architecture import decoder_layers, describe, head_dim_of
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.plan import PruningPlan
 from casrap.pruners.heads import plan_kv_groups
-from casrap.pruners.importance import Importance, load_or_weight_norm
+from casrap.pruners.importance import Importance, load_or_calibrate
 from casrap.pruners.layers import plan_skip_layers, skip_last_layers
 from casrap.search import ga
 from casrap.search.data import LabelledPrompt, load_safety_task
@@ -47,14 +47,16 @@ class SearchRun:
 
 
 def token_thirds(tokenizer: Any, tokens: int) -> tuple[str, list[torch.Tensor]]:
-    """Search / validation / test blocks from interleaved paragraphs of the corpus."""
+    """Search / validation / test blocks: interleaved thirds of WikiText-2's test split where
+    reachable, else the fixed thirds of the bundled prose (:func:`prose_split`); never
+    calibration text."""
     corpus = load_corpus("auto")
-    paragraphs = corpus.paragraphs()
-    blocks = []
-    for part in range(3):
-        text = "\n\n".join(paragraphs[part::3])
-        blocks.append(tokenizer(text, return_tensors="pt").input_ids[0][:tokens])
-    return corpus.name, blocks
+    if corpus.name.startswith(OFFLINE_CORPUS):
+        name, texts = OFFLINE_CORPUS, [prose_split(split).text for split in EVALUATION_SPLITS]
+    else:
+        paragraphs = corpus.paragraphs()
+        name, texts = corpus.name, ["\n\n".join(paragraphs[part::3]) for part in range(3)]
+    return name, [tokenizer(text, return_tensors="pt").input_ids[0][:tokens] for text in texts]
 
 
 @torch.inference_mode()
@@ -132,7 +134,7 @@ def run_search(
     log: Callable[[str, ga.GenerationLog], None] | None = None,
 ) -> dict[str, Any]:
     info = describe(model)
-    imp = importance or load_or_weight_norm(model)
+    imp = importance or load_or_calibrate(model, tokenizer)[0]
     bank = ProfileBank(model, base_model)
     corpus_name, (search_ids, val_ids, test_ids) = token_thirds(tokenizer, run.tokens)
     ppl = {s: PerplexityScorer(model, ids) for s, ids in zip(("search", "validation", "test"), (search_ids, val_ids, test_ids))}

@@ -1,79 +1,21 @@
-"""The ``casrap`` command line: a thin layer mapping flags onto library calls.
-
-Only this module (and the other ``cli_*`` modules) prints. ``.env`` is read here and
-nowhere else; tokens from it are never logged.
-"""
+"""``casrap info | eval ppl | eval speed | calibrate | bench | export``: the model and its profiles."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from casrap.errors import CasrapError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Context Aware Structured Runtime Adaptive Pruning.")
-eval_app = typer.Typer(no_args_is_help=True, help="Measure a model: perplexity, generation speed.")
-app.add_typer(eval_app, name="eval")
-def _width() -> int | None:
-    """Terminal width, or a wide default when piped (tables stay readable in logs)."""
-    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160))
-
-
-console = Console(stderr=True, width=_width())
-out = Console(width=_width())
-
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (embedded), a checkpoint dir, a .gguf file, or a hub id")
-DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda (gpu)")
-JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of tables")
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )
-
-
-def load(spec: str, device: str = "auto") -> Any:
-    """Load a model, showing a progress bar if the embedded model is converted first."""
-    from transformers.utils import logging as hf_logging
-
-    from casrap.models import load_model
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    state: dict[str, Any] = {}
-
-    def on_progress(stage: str, step: int, total: int) -> None:
-        if "bar" not in state:
-            console.print("[dim]first use of the embedded model: converting GGUF to a cached checkpoint (once)[/]")
-            state["bar"] = progress_bar()
-            state["bar"].start()
-            state["task"] = state["bar"].add_task(stage, total=total)
-        state["bar"].update(state["task"], completed=step, description=stage)
-
-    try:
-        return load_model(spec, device=device, progress=on_progress)
-    finally:
-        if "bar" in state:
-            state["bar"].stop()
-
-
-def emit_json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=float))
+from casrap.cli.common import (
+    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
+    progress_bar,
+)
 
 
 # ------------------------------------------------------------------------- info
-@app.command()
 def info(model: str = ModelOpt, device: str = DeviceOpt, as_json: bool = JsonOpt) -> None:
     """Architecture, parameter breakdown and prunable units of a model."""
     from casrap.models import describe
@@ -102,11 +44,10 @@ def info(model: str = ModelOpt, device: str = DeviceOpt, as_json: bool = JsonOpt
 
 
 # ------------------------------------------------------------------------- eval
-@eval_app.command("ppl")
 def eval_ppl(
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    corpus: str = typer.Option("auto", help="auto (WikiText-2, else bundled prose) | wikitext2 | offline | PATH"),
+    corpus: str = typer.Option("auto", help="auto (WikiText-2 test, else the held-out test third of the bundled prose) | wikitext2 | offline | PATH"),
     window: int = typer.Option(512, help="sliding window length"),
     max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens"),
     as_json: bool = JsonOpt,
@@ -127,7 +68,6 @@ def eval_ppl(
         out.print(f"perplexity {result.ppl:.3f} on {result.corpus} ({result.tokens} tokens, window {window})")
 
 
-@eval_app.command("speed")
 def eval_speed(
     model: str = ModelOpt,
     device: str = DeviceOpt,
@@ -156,24 +96,25 @@ def eval_speed(
 
 
 # -------------------------------------------------------------------- calibrate
-@app.command()
 def calibrate(
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    samples: int = typer.Option(64, help="number of calibration prompts"),
-    dataset: Optional[str] = typer.Option(None, help="CSV/JSONL with a prompt column (default: bundled train split)"),
+    samples: int = typer.Option(64, help="number of calibration texts"),
+    dataset: Optional[str] = typer.Option(None, help="CSV/JSONL with a prompt column (default: the bundled calibration text)"),
     max_tokens: int = typer.Option(256, help="tokens per calibration text"),
     output: Optional[Path] = typer.Option(None, help="file to write (default: keyed to the model under CASRAP_HOME)"),
 ) -> None:
-    """Measure head, FFN-channel and layer importance from activations; save it."""
+    """Measure head, FFN-channel and layer importance from activations; save it.
+
+    Other commands calibrate on first use; run this to recalibrate or to use your own text.
+    """
+    from casrap.data.calibration import calibration_texts
     from casrap.data.prompts import load_prompts
-    from casrap.measure import offline_corpus
     from casrap.pruners.importance import calibrate as run_calibration
     from casrap.pruners.importance import default_calibration_path
 
     lm = load(model, device)
-    prompts = [p.text for p in load_prompts(dataset, split="train")][:samples] if dataset else None
-    texts = prompts or ([p.text for p in load_prompts(None, split="train")][: max(samples - 8, 1)] + offline_corpus().paragraphs()[:8])
+    texts = [p.text for p in load_prompts(dataset, split="train")][:samples] if dataset else calibration_texts(samples)
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(texts))
         importance = run_calibration(lm.model, lm.tokenizer, texts, max_tokens=max_tokens, progress=lambda i, n: bar.update(task, completed=i))
@@ -183,17 +124,16 @@ def calibrate(
     out.print(f"block influence per layer: {influence}")
 
 
-# ------------------------------------------------------------------------ bench
-@app.command()
 def bench(
     model: str = ModelOpt,
     device: str = DeviceOpt,
     profiles: Optional[list[str]] = typer.Option(None, "--profiles", "-p", help="specs (ffn-25, heads-10, layers-25, kvheads-33, ffnmask-25) or plan .json files; default: CASRAP v2.2 set + trade-off set"),
     tokens: int = typer.Option(32, help="new tokens per timed run"),
     pairs: int = typer.Option(5, help="interleaved baseline/profile pairs"),
-    corpus: str = typer.Option("auto", help="auto | wikitext2 | offline | PATH"),
+    corpus: str = typer.Option("auto", help="auto (WikiText-2 test, else the held-out test third of the bundled prose) | wikitext2 | offline | PATH"),
     ppl_max_tokens: Optional[int] = typer.Option(None, help="cap corpus tokens for perplexity"),
-    structural: Optional[bool] = typer.Option(None, "--structural/--functional", help="slice (default; STRUCTURAL_PRUNING in .env) or mask"),
+    structural: Optional[bool] = StructuralOpt,
+    weight_norm: bool = WeightNormOpt,
     as_json: bool = JsonOpt,
     output: Optional[Path] = typer.Option(None, help="also write the JSON report here"),
 ) -> None:
@@ -201,13 +141,12 @@ def bench(
     from casrap.bench import BenchConfig, run_bench
     from casrap.measure import load_corpus
     from casrap.profiles import CASRAP_V22, TRADE_OFF
-    from casrap.profiles.factory import build_bank
 
     lm = load(model, device)
     names = list(profiles) if profiles else CASRAP_V22 + TRADE_OFF
     if "none" not in names:
         names.insert(0, "none")
-    bank = build_bank(lm.model, names, base_model=model, structural=structural)
+    bank = build_profiles(lm, names, model, structural, weight_norm)
     text = load_corpus(corpus)
     cfg = BenchConfig(new_tokens=tokens, pairs=pairs, ppl_max_tokens=ppl_max_tokens)
     with progress_bar() as bar:
@@ -237,7 +176,6 @@ def bench(
 
 
 # ----------------------------------------------------------------------- export
-@app.command()
 def export(
     profile: str = typer.Argument(..., help="spec (ffn-25, layers-25, kvheads-33) or plan .json"),
     output: Path = typer.Argument(..., help="directory for the HF checkpoint"),
@@ -247,10 +185,9 @@ def export(
 ) -> None:
     """Export a uniform-shape profile as a plain HF checkpoint (no casrap needed to load)."""
     from casrap.profiles.export import export_checkpoint
-    from casrap.profiles.factory import build_bank
 
     lm = load(model, device)
-    bank = build_bank(lm.model, [profile], base_model=model)
+    bank = build_profiles(lm, [profile], model)
     name = bank.names[-1]
     if save_plan:
         bank.profile(name).plan.save(save_plan)
@@ -258,47 +195,11 @@ def export(
     out.print(f"wrote {output} ({100 * bank.params_removed(name):.1f}% parameters removed); load it with AutoModelForCausalLM.from_pretrained")
 
 
-def _register_extensions() -> None:
-    """Attach the RL commands (train/test/report/collect) when their modules exist."""
-    try:
-        from casrap import cli_rl  # noqa: F401
-    except ImportError as err:  # pragma: no cover
-        logging.getLogger(__name__).debug("RL commands unavailable: %s", err)
-
-
-def main() -> None:
-    """Console-script entry: one-line errors for user mistakes, no tracebacks."""
-    try:
-        from dotenv import load_dotenv
-
-        load_dotenv(Path.cwd() / ".env", override=False)
-    except ImportError:  # pragma: no cover
-        pass
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _register_extensions()
-    try:
-        app(standalone_mode=False)
-    except CasrapError as err:
-        console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
-
-
-if __name__ == "__main__":
-    # run through the importable module so the RL commands register on the same app
-    from casrap.cli import main as _module_main
-
-    _module_main()
+def register(app: typer.Typer) -> None:
+    """Attach this group's commands to the top-level app."""
+    eval_app = typer.Typer(no_args_is_help=True, help="Measure a model: perplexity, generation speed.")
+    eval_app.command("ppl")(eval_ppl)
+    eval_app.command("speed")(eval_speed)
+    app.add_typer(eval_app, name="eval")
+    for command in (info, calibrate, bench, export):
+        app.command()(command)

@@ -9,7 +9,10 @@ from typing import Any, Optional
 
 import typer
 
-from casrap.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, emit_json, load, out, progress_bar
+from casrap.cli.common import (
+    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
+    progress_bar,
+)
 from casrap.envs.rewards import REWARDS, RewardConfig
 from casrap.errors import InputError
 from casrap.profiles.catalogue import CASRAP_V22
@@ -28,14 +31,13 @@ SloLambdaOpt = typer.Option(10.0, "--slo-lambda", help="slo reward: weight of th
 
 
 def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int, reward: RewardConfig,
-              prompts: list[Any], structural: bool | None = None) -> Any:
+              prompts: list[Any], structural: bool | None = None, weight_norm: bool = False) -> Any:
     from casrap.envs.config import EnvConfig
     from casrap.envs.pruning_env import PruningEnv
-    from casrap.profiles.factory import build_bank
 
     lm = load(model, device)
     names = ["none", *[p for p in profiles if p != "none"]]
-    bank = build_bank(lm.model, names, base_model=model, structural=structural)
+    bank = build_profiles(lm, names, model, structural, weight_norm)
     config = EnvConfig(model=model, device=device, profiles=names, max_new_tokens=max_new_tokens, reward=reward, structural=structural)
     return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
 
@@ -51,7 +53,6 @@ def _episode_line(r: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- collect
-@app.command()
 def collect(
     output: Path = typer.Option(Path("checkpoints/replay.jsonl"), help="replay file to write (JSONL)"),
     model: str = ModelOpt,
@@ -75,8 +76,8 @@ def collect(
     from casrap.telemetry.load import BackgroundLoad
 
     rng = np.random.default_rng(seed)
-    train = load_prompts(dataset, split="train", seed=seed)
-    test = load_prompts(dataset, split="test", seed=seed)
+    train = load_prompts(dataset, split="train")
+    test = load_prompts(dataset, split="test")
     chosen = [(train[i], "train") for i in rng.choice(len(train), min(train_samples, len(train)), replace=False)]
     chosen += [(test[i], "test") for i in rng.choice(len(test), min(test_samples, len(test)), replace=False)]
     env = _live_env(model, device, list(profiles or CASRAP_V22), max_new_tokens, RewardConfig(), [p for p, _ in chosen])
@@ -96,12 +97,11 @@ def collect(
 
 
 # ------------------------------------------------------------------------ train
-@app.command()
 def train(
     episodes: int = typer.Option(200, help="episodes (one prompt each by default)"),
     model: str = ModelOpt,
     checkpoint: Path = typer.Option(Path("checkpoints/rl_policy.zip"), help="policy zip (SB3 format)"),
-    train_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id with a prompt column (default: bundled 80% split)"),
+    train_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id with a prompt column; its fixed train split is used (default: the bundled prompts)"),
     train_samples: Optional[int] = typer.Option(None, help="use at most this many training prompts"),
     max_new_tokens: int = typer.Option(50, help="tokens generated per step"),
     device: str = DeviceOpt,
@@ -137,7 +137,7 @@ def train(
         names = env.action_names
         tokens = int(env.table.header.get("max_new_tokens", 0)) or None
     else:
-        prompts = load_prompts(train_dataset, split="all" if train_dataset else "train", seed=seed)
+        prompts = load_prompts(train_dataset, split="train")
         prompts = prompts[:train_samples] if train_samples else prompts
         env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts)
         names = env.action_names
@@ -179,12 +179,11 @@ def train(
 
 
 # ------------------------------------------------------------------------- test
-@app.command()
 def test(
     checkpoint: Path = typer.Option(Path("checkpoints/rl_policy.zip"), help="trained policy zip"),
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    test_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id (default: bundled held-out 20%)"),
+    test_dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id; its fixed test split is used (default: the bundled prompts)"),
     test_samples: int = typer.Option(20, help="test prompts measured under every profile (live mode)"),
     max_new_tokens: int = typer.Option(50),
     replay: Optional[str] = typer.Option(None, help="evaluate on recorded measurements (test split)"),
@@ -211,7 +210,7 @@ def test(
     if replay:
         env = PruningReplayEnv(replay, split="test", reward=reward_cfg)
     else:
-        prompts = load_prompts(test_dataset, split="all" if test_dataset else "test", seed=seed)[:test_samples]
+        prompts = load_prompts(test_dataset, split="test")[:test_samples]
         live = _live_env(model, device, saved.get("profiles") or list(CASRAP_V22), max_new_tokens, RewardConfig(), prompts)
         lm = live
         from casrap.envs.collect import collect as run_collect
@@ -272,7 +271,6 @@ def _profile_perplexity(env: Any, comparison: Any, samples: int) -> dict[str, An
 
 
 # ----------------------------------------------------------------------- report
-@app.command()
 def report(run_dir: Path = typer.Argument(..., help="a reports/train-N or reports/test-N folder")) -> None:
     """Rebuild a run's summary, plots and report.md from its metrics."""
     from casrap.reports import build_report
@@ -281,50 +279,7 @@ def report(run_dir: Path = typer.Argument(..., help="a reports/train-N or report
     out.print(f"rebuilt {path}")
 
 
-# ----------------------------------------------------------------------- search
-@app.command()
-def search(
-    model: str = ModelOpt,
-    device: str = DeviceOpt,
-    encodings: list[str] = typer.Option(["rates", "layers", "heads", "nsga2"], "--encoding", "-e", help="rates | layers | heads | nsga2 (repeatable)"),
-    sparsity: list[float] = typer.Option([0.2, 0.4], "--sparsity", help="targets for rates (FFN share) and layers (share of layers)"),
-    head_sparsity: float = typer.Option(0.2, help="target share of kv groups removed by the head-mask GA"),
-    population: int = typer.Option(12),
-    generations: int = typer.Option(6),
-    tokens: int = typer.Option(512, help="tokens per perplexity split (search / validation / test)"),
-    task_data: str = typer.Option("auto", help="auto (walledai/XSTest, else bundled) | bundled | hub id"),
-    plans_dir: Path = typer.Option(Path("checkpoints/profiles"), help="where the best plans go (usable by bench and the env)"),
-    seed: int = typer.Option(0),
-    reports: Path = typer.Option(Path("reports")),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Genetic search for static pruning plans; compares them with uniform and ranked pruning."""
-    from casrap.models import describe
-    from casrap.reports import new_run_dir
-    from casrap.search.ga import SearchConfig
-    from casrap.search.report import write_search_report
-    from casrap.search.runner import ENCODINGS, SearchRun, run_search
-
-    unknown = [e for e in encodings if e not in ENCODINGS]
-    if unknown:
-        raise InputError(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
-    lm = load(model, device)
-    run_dir = new_run_dir(reports, "search")
-    run = SearchRun(tuple(encodings), tuple(sparsity), head_sparsity, tokens, task_data,
-                    config=SearchConfig(population=population, generations=generations, seed=seed))
-    started = time.perf_counter()
-
-    def log(encoding: str, entry: Any) -> None:
-        console.print(f"{encoding:<12} gen {entry.generation:>2}  best {entry.best:9.4f}  mean {entry.mean:9.4f}  "
-                      f"evals {entry.evaluations:>4} ({entry.evals_per_min:.0f}/min)", highlight=False)
-
-    report_data = run_search(lm.model, lm.tokenizer, run, run_dir, plans_dir, base_model=model, log=log)
-    report_data["wall_s"] = time.perf_counter() - started
-    info = describe(lm.model)
-    path = write_search_report(run_dir, report_data, info.layers, info.kv_heads)
-    (run_dir / "search.json").write_text(json.dumps(report_data, indent=1, default=float))
-    if as_json:
-        emit_json({"run_dir": str(run_dir), "report": str(path), **{k: v for k, v in report_data.items() if k.endswith("_table")}})
-        return
-    out.print(path.read_text(), soft_wrap=True, highlight=False, markup=False)
-    out.print(f"plans saved under {plans_dir}; report {path}")
+def register(app: typer.Typer) -> None:
+    """Attach this group's commands to the top-level app."""
+    for command in (collect, train, test, report):
+        app.command()(command)
