@@ -54,11 +54,75 @@ def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".state.json")
 
 
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The ``.state.json`` beside a checkpoint ({} if absent); a corrupt one is a one-line error."""
+    path = state_path(Path(checkpoint))
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}); delete it to start afresh, or restore it") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is corrupt (expected a JSON object)")
+    return state
+
+
+def write_state(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Write the state file atomically, so an interruption never leaves half a file."""
+    path = state_path(Path(checkpoint))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, default=str))
+    tmp.replace(path)
+
+
+def _safe_custom_objects(checkpoint: Path) -> dict[str, Any]:
+    """Replacements for every pickled entry of an SB3 zip, built from its readable JSON.
+
+    SB3 stores spaces, schedules and classes as cloudpickle blobs, and unpickling runs
+    whatever code the file holds. Every such entry is replaced here by an object built
+    from plain JSON fields (shape, n, schedule endpoints), so only JSON and
+    ``torch.load(weights_only=True)`` tensors come from the file.
+    """
+    import zipfile
+
+    import numpy as np
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import ReplayBuffer
+    from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+    from stable_baselines3.dqn.policies import DQNPolicy
+
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            data = json.loads(archive.read("data"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{checkpoint} is not a readable casrap policy ({type(err).__name__})") from err
+    pickled = {k: v for k, v in data.items() if isinstance(v, dict) and ":serialized:" in v}
+    custom: dict[str, Any] = {key: None for key in pickled}
+    try:
+        obs = pickled.get("observation_space", {})
+        shape = obs.get("_shape", [8])
+        shape = json.loads(shape) if isinstance(shape, str) else shape
+        custom["observation_space"] = spaces.Box(0.0, 1.0, shape=tuple(int(n) for n in shape), dtype=np.float32)
+        custom["action_space"] = spaces.Discrete(int(pickled.get("action_space", {}).get("n", 0)))
+        schedule = pickled.get("exploration_schedule", {})
+        custom["exploration_schedule"] = LinearSchedule(float(schedule.get("start", 0.05)), float(schedule.get("end", 0.05)),
+                                                        float(schedule.get("end_fraction", 1.0)))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}: unreadable spaces or schedules ({err})") from err
+    rate = float(data.get("learning_rate", 0.0)) if isinstance(data.get("learning_rate"), (int, float)) else 0.0
+    custom.update({
+        "policy_class": DQNPolicy, "replay_buffer_class": ReplayBuffer, "lr_schedule": lambda _: rate,
+        "train_freq": TrainFreq(1, TrainFrequencyUnit.STEP), "learning_rate": rate,
+    })
+    return custom
+
+
 def load_policy(checkpoint: Path, env: gym.Env | None = None) -> DoubleDQN:
-    """Load a policy zip; schedules are not unpickled, spaces must match the env."""
+    """Load a policy zip without unpickling anything; spaces must match the env."""
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"no checkpoint at {checkpoint}")
-    custom = {"lr_schedule": lambda _: 0.0, "exploration_schedule": lambda _: 0.0, "learning_rate": 0.0}
+    custom = _safe_custom_objects(Path(checkpoint))
     try:
         model = DoubleDQN.load(str(checkpoint), env=None, custom_objects=custom, device="cpu")
     except Exception as err:  # noqa: BLE001 - zip errors, missing keys, torch errors
@@ -127,7 +191,9 @@ def train(
     if config.resume:
         if not state_file.is_file():
             raise CheckpointError(f"nothing to resume: {state_file} not found")
-        state = json.loads(state_file.read_text())
+        state = read_state(checkpoint)
+        if "run_dir" not in state:
+            raise CheckpointError(f"{state_file} names no run folder; start a new run without --resume")
         run_dir = Path(state["run_dir"])
         recorded = [int(r["episode"]) for r in read_metrics(run_dir) if r.get("episode")]
         done = max([int(state["episodes_done"]), *recorded])
@@ -144,13 +210,15 @@ def train(
         total = config.episodes * config.prompts_per_episode
         model = DoubleDQN("MlpPolicy", env, seed=config.seed, verbose=0, device="cpu",
                           **config.agent.sb3_kwargs(total, config.prompts_per_episode))
+    base_state = read_state(checkpoint) if config.resume else {}
     meta = {"episodes": config.episodes, "seed": config.seed, "checkpoint": str(checkpoint), "agent": config.agent.to_dict(), **(run_meta or {})}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
 
     def save(episodes_done: int) -> None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         model.save(str(checkpoint))
-        state_file.write_text(json.dumps({"run_dir": str(run_dir), "episodes_done": episodes_done, "episodes_total": config.episodes}))
+        write_state(checkpoint, {**base_state, "run_dir": str(run_dir), "episodes_done": episodes_done,
+                                 "episodes_total": config.episodes, **(run_meta or {})})
 
     recorder = EpisodeRecorder(run_dir, done, save, config.save_every, on_episode, max_new_tokens)
     remaining = max(0, (config.episodes - done) * config.prompts_per_episode)

@@ -13,7 +13,7 @@ from casrap.cli.common import (
     DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
     progress_bar,
 )
-from casrap.envs.rewards import REWARDS, RewardConfig
+from casrap.envs.rewards import REWARDS, RewardConfig, reward_config
 from casrap.errors import InputError
 from casrap.profiles.catalogue import CASRAP_V22
 
@@ -21,10 +21,8 @@ ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: spe
 RewardOpt = typer.Option("casrap", "--reward", help=f"reward: {' | '.join(REWARDS)}")
 
 
-def _reward(kind: str, slo_lambda: float = 10.0, budget_lo: float = 0.6, budget_hi: float = 1.1) -> RewardConfig:
-    if kind not in REWARDS:
-        raise InputError(f"unknown reward {kind!r}; choose one of {', '.join(REWARDS)}")
-    return RewardConfig(kind=kind, slo_lambda=slo_lambda, budget_range=(budget_lo, budget_hi))
+def _reward(kind: str, slo_lambda: float = 10.0) -> RewardConfig:
+    return reward_config(kind, slo_lambda)
 
 
 SloLambdaOpt = typer.Option(10.0, "--slo-lambda", help="slo reward: weight of the relative latency-budget overrun")
@@ -118,15 +116,15 @@ def train(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train the Double-DQN controller (live on the model, or on a replay file)."""
-    from casrap.agents.training import TrainConfig, state_path
+    from casrap.agents.training import TrainConfig, read_state
     from casrap.agents.training import train as run_training
     from casrap.data.prompts import load_prompts
     from casrap.reports import build_report
     from casrap.telemetry.load import BackgroundLoad
 
     reward_cfg = _reward(reward, slo_lambda)
-    if resume and state_path(checkpoint).is_file():
-        saved = json.loads(state_path(checkpoint).read_text())
+    if resume:
+        saved = read_state(checkpoint)
         profiles = profiles or saved.get("profiles")
         replay = replay or saved.get("replay")
     names = list(profiles or CASRAP_V22)
@@ -136,12 +134,14 @@ def train(
         env: Any = PruningReplayEnv(replay, split="train", reward=reward_cfg)
         names = env.action_names
         tokens = int(env.table.header.get("max_new_tokens", 0)) or None
+        trained_on = {"source": f"replay:{replay}", "train_keys": sorted(env.prompt_keys())}
     else:
         prompts = load_prompts(train_dataset, split="train")
         prompts = prompts[:train_samples] if train_samples else prompts
         env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts)
         names = env.action_names
         tokens = max_new_tokens
+        trained_on = {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}
     background = BackgroundLoad(workers=1).start() if background_load and not replay else None
     config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every)
     started = time.perf_counter()
@@ -157,13 +157,11 @@ def train(
 
         try:
             result = run_training(env, config, on_episode, max_new_tokens=tokens,
-                                  run_meta={"model": model if not replay else None, "profiles": names, "reward": reward, "replay": replay})
+                                  run_meta={"model": model, "profiles": names, "reward": reward, "slo_lambda": slo_lambda,
+                                            "replay": replay, "prompts": trained_on})
         finally:
             if background:
                 background.stop()
-    state = json.loads(state_path(checkpoint).read_text())
-    state.update({"profiles": names, "reward": reward, "slo_lambda": slo_lambda, "replay": replay, "model": model})
-    state_path(checkpoint).write_text(json.dumps(state))
     elapsed = time.perf_counter() - started
     report = build_report(result.run_dir, f"casrap train ({'replay ' + replay if replay else model}, reward {reward})",
                           {"wall time": f"{elapsed:.0f} s", "checkpoint": str(checkpoint)})
@@ -198,19 +196,21 @@ def test(
 ) -> None:
     """Compare the policy with no pruning, every static action, random and the oracle."""
     from casrap.agents.evaluate import compare_policies
-    from casrap.agents.training import load_policy, state_path
+    from casrap.agents.training import load_policy, read_state
     from casrap.data.prompts import load_prompts
     from casrap.envs.replay import PruningReplayEnv, load_replay
     from casrap.reports import append_jsonl, build_report, new_run_dir
 
-    saved = json.loads(state_path(checkpoint).read_text()) if state_path(checkpoint).is_file() else {}
+    saved = read_state(checkpoint)
     reward_cfg = _reward(reward or saved.get("reward", "casrap"), slo_lambda if slo_lambda is not None else saved.get("slo_lambda", 10.0))
     run_dir = new_run_dir(reports, "test")
     lm = None
     if replay:
         env = PruningReplayEnv(replay, split="test", reward=reward_cfg)
+        refuse_overlap(saved, env.prompt_keys(), f"replay {replay} (test split)")
     else:
         prompts = load_prompts(test_dataset, split="test")[:test_samples]
+        refuse_overlap(saved, {p.key for p in prompts}, test_dataset or "the bundled test prompts")
         live = _live_env(model, device, saved.get("profiles") or list(CASRAP_V22), max_new_tokens, RewardConfig(), prompts)
         lm = live
         from casrap.envs.collect import collect as run_collect
@@ -250,6 +250,15 @@ def test(
     if "perplexity" in result:
         out.print("perplexity on " + ", ".join(f"{k}: {v:.2f}" for k, v in result["perplexity"].items() if k != "corpus") + f" ({result['perplexity']['corpus']})")
     out.print(f"report: {run_dir / 'report.md'}")
+
+
+def refuse_overlap(saved_state: dict[str, Any], test_keys: set[str], where: str) -> None:
+    """One-line refusal when test prompts were trained on (checkpoints store prompt text keys)."""
+    trained = set((saved_state.get("prompts") or {}).get("train_keys", []))
+    overlap = trained & set(test_keys)
+    if overlap:
+        raise InputError(f"{len(overlap)} of {len(test_keys)} test prompts in {where} were used to train this checkpoint; "
+                         "test on held-out prompts (the fixed test split) or another dataset")
 
 
 def _top_profiles(comparison: Any, k: int = 2) -> list[str]:

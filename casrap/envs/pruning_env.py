@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gymnasium as gym
@@ -18,7 +18,7 @@ from casrap.data.prompts import Prompt, load_prompts
 from casrap.envs.analysis import PromptAnalyzer, PromptFeatures
 from casrap.envs.config import OBSERVATION_FEATURES, EnvConfig
 from casrap.envs.observation import observation_vector
-from casrap.envs.rewards import RewardInput, compute_reward
+from casrap.envs.rewards import RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 from casrap.measure.perplexity import mean_kl, next_token_logits, teacher_forced_ppl
 from casrap.measure.timing import check_prompt_fits
@@ -52,6 +52,18 @@ class Baseline:
     ttft_s: float
     tf_ppl: float
     cpu_util: float
+
+
+def config_with(config: EnvConfig, settings: dict[str, Any]) -> EnvConfig:
+    """``config`` with flat keyword overrides (``gym.make`` passes kwargs this way)."""
+    names = {f.name for f in fields(EnvConfig)}
+    unknown = sorted(set(settings) - names - {"slo_lambda"})
+    if unknown:
+        raise TypeError(f"casrap/Pruning-v0 got unexpected keyword(s) {unknown}; accepted: {sorted(names | {'slo_lambda'})}")
+    settings = dict(settings)
+    if "reward" in settings or "slo_lambda" in settings:
+        settings["reward"] = reward_config(settings.get("reward", config.reward), settings.pop("slo_lambda", None))
+    return replace(config, **settings)
 
 
 class PruningEnv(gym.Env):
@@ -97,7 +109,10 @@ class PruningEnv(gym.Env):
     ``casrap collect`` and evaluation).
 
     ## Arguments
-    ``config`` (:class:`EnvConfig`), and injected side effects: ``bank`` and
+    Any :class:`EnvConfig` field as a flat keyword, as with every Gymnasium env:
+    ``gym.make("casrap/Pruning-v0", max_new_tokens=8, profiles=["none", "layers-10"],
+    reward="slo")`` (``reward`` may be a kind name or a :class:`RewardConfig`;
+    ``slo_lambda`` sets its weight), or a whole ``config``; and injected side effects: ``bank`` and
     ``tokenizer`` (else the model in ``config.model`` is loaded with the configured
     catalogue), ``telemetry`` (default live), ``clock`` (default ``perf_counter``),
     ``prompts`` (a list of :class:`Prompt`).
@@ -113,9 +128,10 @@ class PruningEnv(gym.Env):
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.perf_counter,
         prompts: list[Prompt] | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        self.config = config or EnvConfig()
+        self.config = config_with(config or EnvConfig(), settings)
         if bank is None:
             from casrap.models import load_model
             from casrap.profiles.factory import build_bank
@@ -257,7 +273,7 @@ class PruningEnv(gym.Env):
         reward, early_stop = compute_reward(reward_input, self.config.reward)
         n = self.config.max_new_tokens
         info: dict[str, Any] = {
-            "prompt_id": prompt.id, "category": prompt.category, "action": int(action), "profile": name,
+            "prompt_id": prompt.id, "prompt_key": prompt.key, "category": prompt.category, "action": int(action), "profile": name,
             "prompt_tokens": features.tokens, "prompt_ppl": features.ppl, "complexity": features.complexity,
             "analysis_s": features.analysis_s, "switch_s": switch_s,
             "baseline_latency_s": base.latency_s, "baseline_ttft_s": base.ttft_s, "baseline_tokens_per_s": n / base.latency_s,

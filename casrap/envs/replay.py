@@ -23,10 +23,13 @@ from gymnasium import spaces
 
 from casrap.envs.config import OBSERVATION_FEATURES
 from casrap.envs.observation import observation_vector
-from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward
+from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 
 REPLAY_FORMAT = "casrap-replay/1"
+RECORD_KEYS = ("prompt_id", "load", "profile", "latency_s", "ppl", "kl", "baseline_latency_s", "baseline_ppl",
+               "prompt_tokens", "prompt_ppl", "telemetry")
+TELEMETRY_KEYS = ("cpu_util", "mem_available_gb", "gpu_util", "vram_free_gb", "battery")
 BUNDLED_REPLAY = "bundled"
 
 
@@ -38,6 +41,7 @@ class ReplayTable:
     profiles: list[str]
     context_ids: list[str]
     splits: np.ndarray  # [C] str
+    prompt_keys: np.ndarray  # [C] str: text keys of the prompts (``Prompt.key``), to check train/test overlap
     categories: np.ndarray  # [C] str
     base_obs: np.ndarray  # [C, 7] normalised features without the budget
     latency: np.ndarray  # [C, A] seconds, including router overhead
@@ -53,7 +57,7 @@ class ReplayTable:
         if not keep.any():
             raise InputError(f"replay file has no {split!r} contexts")
         return ReplayTable(
-            self.header, self.profiles, [c for c, k in zip(self.context_ids, keep) if k], self.splits[keep],
+            self.header, self.profiles, [c for c, k in zip(self.context_ids, keep) if k], self.splits[keep], self.prompt_keys[keep],
             self.categories[keep], self.base_obs[keep], self.latency[keep], self.baseline_latency[keep],
             self.ppl[keep], self.baseline_ppl[keep], self.kl[keep],
         )
@@ -87,21 +91,27 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         raise InputError(f"{source}:1: invalid JSON header") from err
     if header.get("format") != REPLAY_FORMAT:
         raise InputError(f"{source}:1: not a casrap replay file (expected format {REPLAY_FORMAT})")
+    missing = [key for key in ("profiles",) if key not in header]
+    if missing or not isinstance(header.get("profiles"), list) or not header["profiles"]:
+        raise InputError(f"{source}:1: replay header lacks {missing or ['profiles']} (write it with `casrap collect`)")
     profiles = list(header["profiles"])
     contexts: dict[str, dict[str, Any]] = {}
     for number, line in enumerate(lines[1:], start=2):
         try:
             r = json.loads(line)
+            lacking = [k for k in RECORD_KEYS if k not in r] + [f"telemetry.{k}" for k in TELEMETRY_KEYS if k not in r.get("telemetry", {})]
+            if lacking:
+                raise KeyError(", ".join(lacking))
             key = f"{r['prompt_id']}@{r['load']}"
             ctx = contexts.setdefault(key, {"first": r, "by_profile": {}})
             ctx["by_profile"][r["profile"]] = r
-        except (ValueError, KeyError, TypeError) as err:
-            raise InputError(f"{source}:{number}: malformed record ({err})") from err
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(f"{source}:{number}: malformed record (missing or bad: {err})") from err
     complete = {k: c for k, c in contexts.items() if all(p in c["by_profile"] for p in profiles)}
     if not complete:
         raise InputError(f"replay file {source} has no context with every profile measured")
     keys = list(complete)
-    base_obs, lat, ppl, kl, blat, bppl, splits, cats = [], [], [], [], [], [], [], []
+    base_obs, lat, ppl, kl, blat, bppl, splits, cats, pkeys = [], [], [], [], [], [], [], [], []
     for key in keys:
         first = complete[key]["first"]
         t = first["telemetry"]
@@ -116,9 +126,10 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         blat.append(float(np.median([r["baseline_latency_s"] for r in rows])))
         bppl.append(first["baseline_ppl"])
         splits.append(first.get("split", "train"))
+        pkeys.append(str(first.get("prompt_key") or f"replay-id:{first['prompt_id']}"))
         cats.append(first.get("category", ""))
     return ReplayTable(
-        header, profiles, keys, np.array(splits), np.array(cats), np.array(base_obs, dtype=np.float32),
+        header, profiles, keys, np.array(splits), np.array(pkeys), np.array(cats), np.array(base_obs, dtype=np.float32),
         np.array(lat), np.array(blat), np.array(ppl), np.array(bppl), np.array(kl),
     )
 
@@ -131,8 +142,9 @@ class PruningReplayEnv(gym.Env):
     profile's recorded latency and quality and computes the reward with the same
     functions as the live env. Observation and action spaces match Pruning-v0.
 
-    Arguments: ``replay`` (path or ``"bundled"``), ``split`` (train | test | all),
-    ``reward`` (:class:`RewardConfig`), ``table`` (an already loaded
+    Arguments (flat keywords, as ``gym.make("casrap/PruningReplay-v0", reward="slo")``):
+    ``replay`` (path or ``"bundled"``), ``split`` (train | test | all), ``reward`` (a
+    kind name or a :class:`RewardConfig`), ``slo_lambda``, ``table`` (an already loaded
     :class:`ReplayTable`).
     """
 
@@ -142,18 +154,23 @@ class PruningReplayEnv(gym.Env):
         self,
         replay: str | Path = BUNDLED_REPLAY,
         split: str = "train",
-        reward: RewardConfig | None = None,
+        reward: RewardConfig | str | None = None,
         table: ReplayTable | None = None,
+        slo_lambda: float | None = None,
     ) -> None:
         super().__init__()
         self.table = (table or load_replay(replay)).subset(split)
-        self.reward_config = reward or RewardConfig()
+        self.reward_config = reward_config(reward, slo_lambda)
         self.action_names = list(self.table.profiles)
         self.action_space = spaces.Discrete(len(self.action_names))
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
         self._context = 0
         self._budget_ratio = float("inf")
         self._obs = np.zeros(len(OBSERVATION_FEATURES), dtype=np.float32)
+
+    def prompt_keys(self) -> set[str]:
+        """Text keys of the prompts this env serves (checkpoints record them)."""
+        return set(self.table.prompt_keys.tolist())
 
     @property
     def n_contexts(self) -> int:

@@ -19,7 +19,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from casrap.errors import InputError
 
 REWARDS = ("casrap", "linear", "slo")
 
@@ -89,3 +91,16 @@ def compute_reward(x: RewardInput, config: RewardConfig) -> tuple[float, bool]:
     if config.kind == "slo":
         return slo_reward(x, config.slo_lambda)
     raise ValueError(f"unknown reward {config.kind!r}; choose one of {', '.join(REWARDS)}")
+
+
+def reward_config(reward: str | RewardConfig | None, slo_lambda: float | None = None) -> RewardConfig:
+    """A :class:`RewardConfig` from a kind name (``"slo"``) or a config, with an optional slo weight."""
+    if reward is None:
+        cfg = RewardConfig()
+    elif isinstance(reward, RewardConfig):
+        cfg = reward
+    elif reward in REWARDS:
+        cfg = RewardConfig(kind=reward)
+    else:
+        raise InputError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
+    return replace(cfg, slo_lambda=slo_lambda) if slo_lambda is not None else cfg

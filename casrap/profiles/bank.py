@@ -28,6 +28,7 @@ from casrap.profiles.catalogue import FULL
 from casrap.profiles.plan import PruningPlan
 from casrap.pruners.ffn import build_mlp
 from casrap.pruners.heads import build_attention, check_gqa_integrity
+from casrap.pruners.lowrank import LowRankBasis, factorise_layer, load_or_fit_basis
 from casrap.pruners.modules import shell
 
 
@@ -80,6 +81,14 @@ class ProfileBank:
             FULL: Profile(PruningPlan(name=FULL, base_model=base_model, description="full model"), self._full_layers, 0.0)
         }
         self._active = FULL
+        # PCA bases for rank plans; loaded from the cache on the first rank plan, or set
+        # by build_bank (which can fit it, having a tokenizer). Not needed after building.
+        self.lowrank_basis: LowRankBasis | None = None
+
+    def _basis(self) -> LowRankBasis:
+        if self.lowrank_basis is None:
+            self.lowrank_basis = load_or_fit_basis(self.model, key=self.fingerprint)
+        return self.lowrank_basis
 
     # ---------------------------------------------------------------- building
     def add(self, plan: PruningPlan) -> Profile:
@@ -111,6 +120,8 @@ class ProfileBank:
                 layer.self_attn.layer_idx = new_index
                 if i in plan.ffn:
                     layer.mlp = build_mlp(original.mlp, plan.ffn[i], plan.functional)
+                if i in plan.ranks:
+                    factorise_layer(layer, original, plan.ranks[i], self._basis(), i)
                 built.append(layer)
             layers = nn.ModuleList(built)
         profile = Profile(plan, layers, time.perf_counter() - start)

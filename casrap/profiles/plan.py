@@ -28,6 +28,10 @@ class PruningPlan:
         heads: layer -> {"kv": kept kv heads, "q": kept query heads} (base indices).
         ffn: layer -> kept FFN channels.
         skip_layers: decoder layers not run at all.
+        ranks: layer -> {projection name (q_proj .. down_proj): rank}: LLM-Sieve
+            low-rank projections on the PCA basis of the projection's calibration
+            outputs (:mod:`casrap.pruners.lowrank`); unnamed projections stay dense,
+            and a rank that would not reduce parameters also stays dense.
         functional: mask instead of slice (no shape change, no speedup; for comparison
             and search).
         meta: free-form provenance (intensity, importance source, search run...).
@@ -41,19 +45,21 @@ class PruningPlan:
     heads: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     ffn: dict[int, list[int]] = field(default_factory=dict)
     skip_layers: list[int] = field(default_factory=list)
+    ranks: dict[int, dict[str, int]] = field(default_factory=dict)
     functional: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
 
     @property
     def is_identity(self) -> bool:
-        return not (self.heads or self.ffn or self.skip_layers)
+        return not (self.heads or self.ffn or self.skip_layers or self.ranks)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["format"] = PLAN_FORMAT
         data["heads"] = {str(k): v for k, v in self.heads.items()}
         data["ffn"] = {str(k): v for k, v in self.ffn.items()}
+        data["ranks"] = {str(k): v for k, v in self.ranks.items()}
         return data
 
     @classmethod
@@ -68,6 +74,7 @@ class PruningPlan:
                 heads={int(k): {"kv": list(map(int, v["kv"])), "q": list(map(int, v["q"]))} for k, v in data.get("heads", {}).items()},
                 ffn={int(k): list(map(int, v)) for k, v in data.get("ffn", {}).items()},
                 skip_layers=sorted(map(int, data.get("skip_layers", []))),
+                ranks={int(k): {str(n): int(r) for n, r in v.items()} for k, v in data.get("ranks", {}).items()},
                 functional=bool(data.get("functional", False)),
                 meta=dict(data.get("meta", {})),
                 fingerprint=str(data.get("fingerprint", "")),
@@ -85,7 +92,7 @@ class PruningPlan:
         """
         group = query_heads // kv_heads
         where = f"plan {self.name!r}"
-        for layer in [*self.heads, *self.ffn, *self.skip_layers]:
+        for layer in [*self.heads, *self.ffn, *self.skip_layers, *self.ranks]:
             if not 0 <= layer < layers:
                 raise CheckpointError(f"{where}: layer {layer} out of range (model has {layers} layers)")
         for layer, kept in self.heads.items():
@@ -108,6 +115,14 @@ class PruningPlan:
                 raise CheckpointError(f"{where}: layer {layer} keeps no FFN channel; skip the layer instead")
             if len(set(channels)) != len(channels) or any(not 0 <= c < ffn_width for c in channels):
                 raise CheckpointError(f"{where}: layer {layer} FFN channels repeat or fall outside 0..{ffn_width - 1}")
+        for layer, ranks in self.ranks.items():
+            from casrap.pruners.lowrank import MATRICES
+
+            if layer in self.heads or layer in self.ffn:
+                raise CheckpointError(f"{where}: layer {layer} has low-rank projections and sliced heads/FFN; the PCA basis fits the unsliced maps")
+            bad = [n for n, r in ranks.items() if n not in MATRICES or r < 1]
+            if bad:
+                raise CheckpointError(f"{where}: layer {layer} ranks {bad} must name one of {', '.join(MATRICES)} with rank >= 1")
         if len(set(self.skip_layers)) >= layers:
             raise CheckpointError(f"{where}: skips every layer")
 

@@ -1,0 +1,278 @@
+"""``AdaptiveLM``: a language model that picks its pruning profile per request.
+
+    from casrap import AdaptiveLM
+    lm = AdaptiveLM.load()                       # shipped bundle, embedded SmolLM2-135M
+    answer = lm.generate("What is the capital of France?")
+    answer.text, answer.record.profile, answer.record.latency_s
+
+One request runs on the bank at a time: a bank has one active profile, and a KV cache
+built under one profile is invalid under another, so :meth:`AdaptiveLM.generate`
+takes a lock; concurrent callers queue, and the number waiting and the time a request
+waited enter its decision (see :mod:`casrap.runtime.router`). Without a latency
+target the bundle's default budget applies (``RuntimeDefaults.budget_ratio``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from casrap.errors import InputError
+from casrap.measure.timing import check_prompt_fits
+from casrap.runtime.bundle import PolicyBundle, RuntimeDefaults, load_bundle
+from casrap.runtime.router import Decision, Router
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class GenerationRecord:
+    """What one request cost and what was chosen (seconds unless named otherwise).
+
+    ``latency_s`` runs from the moment the request got the bank (decision, switch and
+    generation); ``total_s`` adds the queue wait; ``target_met`` compares ``total_s``
+    with the target (None without one). ``ttft_s`` counts from the same moment as
+    ``latency_s``.
+    """
+
+    profile: str
+    decision_s: float
+    telemetry_s: float
+    analysis_s: float
+    policy_s: float
+    switch_s: float
+    queue_wait_s: float
+    queue_length: int
+    ttft_s: float
+    generation_s: float
+    latency_s: float
+    total_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_s: float
+    target_s: float | None
+    target_met: bool | None
+    finish_reason: str
+    budget_ratio: float
+    estimated_full_s: float
+
+    @property
+    def overhead_share(self) -> float:
+        """Decision + switch time as a share of the whole request (excluding queue wait)."""
+        return (self.decision_s + self.switch_s) / self.latency_s if self.latency_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["overhead_share"] = self.overhead_share
+        return data
+
+
+@dataclass
+class Generation:
+    text: str
+    record: GenerationRecord
+    token_ids: list[int]
+
+
+class GenerationStream:
+    """Iterate for text pieces as they are generated; ``.result`` once exhausted.
+
+    Generation runs in a worker thread (holding the bank's lock); abandoning the
+    iterator lets that generation finish in the background.
+    """
+
+    _END = object()
+
+    def __init__(self, run: Callable[[Callable[[str], None]], Generation]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.result: Generation | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
+        self._thread.start()
+
+    def _work(self, run: Callable[[Callable[[str], None]], Generation]) -> None:
+        try:
+            self.result = run(self._queue.put)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._error = err
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                break
+            yield item
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def record(self) -> GenerationRecord | None:
+        return self.result.record if self.result else None
+
+
+class AdaptiveLM:
+    """A model plus a policy bundle: per-request profile choice, timed, one request at a time."""
+
+    def __init__(self, router: Router, tokenizer: Any, model_name: str = "", bundle: PolicyBundle | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.bundle = bundle
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, bundle: str | Any = None, model: str | Any = None, device: str = "auto",
+             telemetry: Any = None, clock: Callable[[], float] = time.perf_counter) -> AdaptiveLM:
+        """Load a bundle (default: the shipped one) and its model (default: the bundle's).
+
+        ``model`` is a spec for :func:`casrap.models.load_model` or an already
+        loaded :class:`LoadedModel`. Raises :class:`CheckpointError` (one line) when the
+        model's weights are not those the bundle's plans were made for.
+        """
+        from casrap.models import load_model
+        from casrap.models.loaded import LoadedModel
+
+        checked = bundle if isinstance(bundle, PolicyBundle) else load_bundle(bundle)
+        lm = model if isinstance(model, LoadedModel) else load_model(model or checked.model_spec, device=device)
+        bank = checked.build_bank(lm.model)
+        policy = checked.load_policy()
+        router = Router(bank, lm.tokenizer, policy, checked.defaults, telemetry=telemetry, clock=clock)
+        return cls(router, lm.tokenizer, model_name=lm.spec, bundle=checked, clock=clock)
+
+    @property
+    def defaults(self) -> RuntimeDefaults:
+        return self.router.defaults
+
+    @property
+    def profiles(self) -> list[str]:
+        return list(self.router.actions)
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for the bank now."""
+        return self._waiting
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.router.bank.model.config, "max_position_embeddings", 0) or 0)
+
+    # ---------------------------------------------------------------- requests
+    @staticmethod
+    def prompt_text(prompt: str | Messages) -> str:
+        """The text the analyzer scores: the prompt, or the messages' contents joined."""
+        if isinstance(prompt, str):
+            return prompt
+        return "\n".join(str(m.get("content", "")) for m in prompt)
+
+    def encode(self, prompt: str | Messages, max_new_tokens: int) -> torch.Tensor:
+        """Token ids (chat template when the tokenizer has one); one-line errors for bad input."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not messages or not self.prompt_text(messages).strip():
+            raise InputError("empty prompt: give some text or at least one message with content")
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+        else:
+            ids = self.tokenizer(self.prompt_text(messages), return_tensors="pt").input_ids
+        check_prompt_fits(self.router.bank.model, int(ids.shape[-1]), max_new_tokens)
+        return ids
+
+    def encode_raw(self, text: str, max_new_tokens: int) -> torch.Tensor:
+        """Token ids of plain text, no chat template (``/v1/completions``)."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not text.strip():
+            raise InputError("empty prompt")
+        ids = self.tokenizer(text, return_tensors="pt").input_ids
+        check_prompt_fits(self.router.bank.model, int(ids.shape[-1]), max_new_tokens)
+        return ids
+
+    def _enter(self) -> tuple[float, int]:
+        """Wait for the bank; returns (seconds waited, requests still waiting behind)."""
+        arrived = self.clock()
+        with self._count_lock:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self._waiting -= 1
+            behind = self._waiting
+        return self.clock() - arrived, behind
+
+    def choose(self, prompt: str | Messages, max_new_tokens: int | None = None, latency_target_s: float | None = None) -> Decision:
+        """The decision alone (no generation)."""
+        n = max_new_tokens or self.defaults.max_new_tokens
+        ids = self.encode(prompt, n)
+        waited, behind = self._enter()
+        try:
+            return self.router.decide(self.prompt_text(prompt), int(ids.shape[-1]), n, latency_target_s, behind, waited)
+        finally:
+            self._lock.release()
+
+    def _generate_ids(self, text: str, ids: torch.Tensor, n: int, target: float | None,
+                      on_text: Callable[[str], None] | None, ignore_eos: bool, profile: str | None, **sampling: Any) -> Generation:
+        waited, behind = self._enter()
+        try:
+            start = self.clock()
+            if profile is None:
+                decision = self.router.decide(text, int(ids.shape[-1]), n, target, behind, waited)
+                routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
+            else:
+                routed = self.router.run_profile(profile, text, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
+            latency = self.clock() - start
+        finally:
+            self._lock.release()
+        d, o = routed.decision, routed.output
+        total = latency + waited
+        record = GenerationRecord(
+            profile=d.profile, decision_s=d.decision_s, telemetry_s=d.telemetry_s, analysis_s=d.analysis_s,
+            policy_s=d.policy_s, switch_s=routed.switch_s, queue_wait_s=waited, queue_length=behind,
+            ttft_s=latency - o.generation_s + o.ttft_s, generation_s=o.generation_s, latency_s=latency, total_s=total,
+            prompt_tokens=int(ids.shape[-1]), completion_tokens=len(o.token_ids),
+            tokens_per_s=len(o.token_ids) / o.generation_s if o.generation_s > 0 else 0.0,
+            target_s=target, target_met=None if target is None else total <= target, finish_reason=o.finish_reason,
+            budget_ratio=d.budget_ratio, estimated_full_s=d.estimated_full_s,
+        )
+        return Generation(o.text, record, o.token_ids)
+
+    def generate(
+        self,
+        prompt: str | Messages,
+        max_new_tokens: int | None = None,
+        latency_target_s: float | None = None,
+        stream: bool = False,
+        ignore_eos: bool = False,
+        profile: str | None = None,
+        raw: bool = False,
+        **sampling: Any,
+    ) -> Generation | GenerationStream:
+        """Answer a prompt (or chat messages) on the profile the policy picks.
+
+        ``stream=True`` returns a :class:`GenerationStream` of text pieces. ``profile``
+        forces a profile (baselines); ``raw`` skips the chat template; ``ignore_eos``
+        generates exactly ``max_new_tokens`` (timing). ``sampling``: ``do_sample``,
+        ``temperature``, ``top_p`` (greedy by default).
+        """
+        n = max_new_tokens or self.defaults.max_new_tokens
+        if profile is not None and profile not in self.router.actions:
+            raise InputError(f"no profile named {profile!r}; have {', '.join(self.router.actions)}")
+        ids = self.encode_raw(prompt, n) if raw and isinstance(prompt, str) else self.encode(prompt, n)
+        text = self.prompt_text(prompt)
+        if stream:
+            return GenerationStream(lambda on_text: self._generate_ids(text, ids, n, latency_target_s, on_text, ignore_eos, profile, **sampling))
+        return self._generate_ids(text, ids, n, latency_target_s, None, ignore_eos, profile, **sampling)
