@@ -29,22 +29,6 @@ def test_double_dqn_targets_differ_from_vanilla_where_networks_disagree():
     assert torch.equal(done, rewards)
 
 
-def test_double_dqn_train_uses_online_argmax(monkeypatch):
-    env = PruningReplayEnv("bundled", reward=RewardConfig(kind="slo"))
-    model = DoubleDQN("MlpPolicy", env, seed=0, learning_starts=5, buffer_size=200, batch_size=8, gamma=0.9)
-    model.learn(20)
-    calls = []
-    original = double_dqn_targets
-
-    def spy(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr("casrap.agents.double_dqn.double_dqn_targets", spy)
-    model.train(gradient_steps=2, batch_size=8)
-    assert len(calls) == 2
-
-
 def test_agent_defaults_scale_to_short_runs():
     kw = AgentConfig().sb3_kwargs(200)
     assert kw["target_update_interval"] == 10 and kw["learning_starts"] == 25 and kw["gamma"] == 0.0

@@ -42,9 +42,29 @@ def test_embedded_profiles_restore_exactly(embedded):
     ids = embedded.tokenizer("The river that runs through the town", return_tensors="pt").input_ids
     with torch.inference_mode():
         before = embedded.model(ids).logits.clone()
-        bank = build_bank(embedded.model, ["heads-10", "layers-10", "ffn-8"], base_model="smollm2-135m")
+        bank = build_bank(embedded.model, ["heads-10", "layers-10", "ffn-8"], base_model="smollm2-135m", tokenizer=embedded.tokenizer)
         for name in bank.names * 3:
             bank.activate(name)
             embedded.model(ids)
         bank.activate("none")
         assert torch.equal(embedded.model(ids).logits, before)
+
+
+def test_first_use_calibrates_and_profiles_stay_close(embedded, casrap_home):
+    """Empty CASRAP_HOME (no calibration): the normal path calibrates, and ffn-5 stays close
+    to the full model (uncalibrated weight-norm importance gave KL 4.6 here)."""
+    from casrap.measure import mean_kl, next_token_logits
+    from casrap.measure.corpus import prose_split
+    from casrap.profiles.factory import build_bank
+    from casrap.pruners.importance import default_calibration_path
+
+    assert not default_calibration_path(embedded.model).exists()
+    bank = build_bank(embedded.model, ["ffn-5"], base_model="smollm2-135m", tokenizer=embedded.tokenizer)
+    assert default_calibration_path(embedded.model).is_file()
+    assert bank.profile("ffn-5").plan.meta["importance"].startswith("calibrated:")
+    ids = embedded.tokenizer(prose_split("test").text, return_tensors="pt").input_ids[:, :256]
+    with torch.inference_mode():
+        full = next_token_logits(embedded.model, ids)
+        with bank.using("ffn-5"):
+            pruned = next_token_logits(embedded.model, ids)
+    assert mean_kl(full, pruned) < 0.5

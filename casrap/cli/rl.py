@@ -190,6 +190,7 @@ def test(
     budgets_per_context: int = typer.Option(20, help="latency budgets drawn per context (slo reward)"),
     wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
+    lm_eval_include: Optional[list[Path]] = typer.Option(None, "--lm-eval-include", help="folder of your own lm-eval task YAMLs (repeatable)"),
     seed: int = typer.Option(0),
     reports: Path = typer.Option(Path("reports")),
     as_json: bool = JsonOpt,
@@ -240,7 +241,8 @@ def test(
             raise InputError("--lm-eval needs the live model: drop --replay")
         from casrap.evaluation.lm_eval_tasks import run_lm_eval
 
-        result["lm_eval"] = run_lm_eval(lm.bank, lm.tokenizer, lm_eval.split(","), _top_profiles(comparison))
+        result["lm_eval"] = run_lm_eval(lm.bank, lm.tokenizer, lm_eval.split(","), _top_profiles(comparison),
+                                        include_paths=list(lm_eval_include or []))
     (run_dir / "comparison.json").write_text(json.dumps(result, indent=1, default=float))
     build_report(run_dir, f"casrap test ({checkpoint})", comparison_md=comparison.markdown())
     if as_json:

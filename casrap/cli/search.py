@@ -16,8 +16,9 @@ from casrap.errors import InputError
 def search(
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    encodings: list[str] = typer.Option(["rates", "layers", "heads", "nsga2"], "--encoding", "-e", help="rates | layers | heads | nsga2 (repeatable)"),
-    sparsity: list[float] = typer.Option([0.2, 0.4], "--sparsity", help="targets for rates (FFN share) and layers (share of layers)"),
+    encodings: list[str] = typer.Option(["rates", "layers", "heads", "nsga2"], "--encoding", "-e", help="rates | layers | heads | nsga2 | ranks (low-rank projections; repeatable)"),
+    sparsity: list[float] = typer.Option([0.2, 0.4], "--sparsity", help="targets for rates (FFN share), layers (share of layers) and ranks (share of projection parameters)"),
+    ppl_tolerance: float = typer.Option(0.1, help="ranks: binary search for the largest reduction with search ppl <= (1 + this) x full"),
     head_sparsity: float = typer.Option(0.2, help="target share of kv groups removed by the head-mask GA"),
     population: int = typer.Option(12),
     generations: int = typer.Option(6),
@@ -40,8 +41,15 @@ def search(
         raise InputError(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
     lm = load(model, device)
     importance = importance_for(lm)
+    if "ranks" in encodings:
+        from casrap.models.architecture import model_key
+        from casrap.pruners.lowrank import default_basis_path
+
+        basis_path = default_basis_path(model_key(lm.model))
+        if not basis_path.is_file():
+            console.print(f"no low-rank basis for this model yet: fitting the PCA of every projection's outputs on calibration text (once; cached at {basis_path})")
     run_dir = new_run_dir(reports, "search")
-    run = SearchRun(tuple(encodings), tuple(sparsity), head_sparsity, tokens, task_data,
+    run = SearchRun(tuple(encodings), tuple(sparsity), head_sparsity, tokens, task_data, ppl_tolerance=ppl_tolerance,
                     config=SearchConfig(population=population, generations=generations, seed=seed))
     started = time.perf_counter()
 

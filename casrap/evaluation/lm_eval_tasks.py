@@ -41,8 +41,19 @@ def write_local_task(directory: Path) -> Path:
     return path
 
 
-def run_lm_eval(bank: Any, tokenizer: Any, tasks: list[str], profiles: list[str], limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Accuracy per task for the full model and each profile: {profile: {task: acc}}."""
+def run_lm_eval(
+    bank: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    profiles: list[str],
+    limit: int | None = None,
+    include_paths: list[Path] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Accuracy per task for the full model and each profile: {profile: {task: acc}}.
+
+    ``include_paths`` are folders of the user's own lm-eval task YAMLs (lm-eval's
+    ``include_path``), searched besides the bundled ``casrap_local``.
+    """
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -53,9 +64,13 @@ def run_lm_eval(bank: Any, tokenizer: Any, tasks: list[str], profiles: list[str]
     if not tasks:
         raise InputError("--lm-eval: no task named")
     results: dict[str, dict[str, float]] = {}
+    extra = [Path(p).expanduser().resolve() for p in include_paths or []]
+    missing = [str(p) for p in extra if not p.is_dir()]
+    if missing:
+        raise InputError(f"--lm-eval-include: not a folder: {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
         write_local_task(Path(tmp))
-        manager = TaskManager(include_path=tmp)
+        manager = TaskManager(include_path=[tmp, *map(str, extra)])
         for name in ["none", *[p for p in profiles if p != "none"]]:
             with bank.using(name):
                 lm = HFLM(pretrained=bank.model, tokenizer=tokenizer, batch_size=1)

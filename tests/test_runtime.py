@@ -1,0 +1,278 @@
+"""Runtime: policy bundles, the router's decision path, AdaptiveLM, ``casrap generate`` (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from runtime_helpers import TINY_PROFILES, BudgetPolicy, make_tiny_bundle, tiny_bank
+
+from casrap.errors import CheckpointError, InputError
+from casrap.runtime.adaptive import AdaptiveLM
+from casrap.runtime.bundle import RuntimeDefaults, load_bundle
+from casrap.runtime.latency import LatencyModel
+from casrap.runtime.router import Router
+from casrap.telemetry import FakeTelemetry
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture()
+def bundle_dir(tiny, tmp_path):
+    return make_tiny_bundle(tiny, tmp_path / "bundle")[0]
+
+
+def _adaptive(lm, policy=None, defaults=None):
+    bank = tiny_bank(lm)
+    policy = policy or BudgetPolicy(len(bank.names))
+    router = Router(bank, lm.tokenizer, policy, defaults or RuntimeDefaults(max_new_tokens=6), telemetry=FakeTelemetry(0))
+    return AdaptiveLM(router, lm.tokenizer, "tiny-random-llama"), policy
+
+
+# ------------------------------------------------------------------- bundles
+def test_bundle_rebuilds_the_exact_plans_and_outputs(tiny, tmp_path):
+    path, original = make_tiny_bundle(tiny, tmp_path / "b")
+    checked = load_bundle(path)
+    assert checked.actions == list(TINY_PROFILES)
+    for plan in checked.plans:
+        assert plan.to_dict() == original.profile(plan.name).plan.to_dict()
+    # a second, fresh model with the same weights: the bundle's bank runs exactly what the original ran
+    from casrap.models.tiny import tiny_llama
+
+    other = tiny_llama()
+    bank = checked.build_bank(other.model)
+    ids = tiny.tokenizer(PROMPT, return_tensors="pt").input_ids
+    for name in TINY_PROFILES:
+        with original.using(name), bank.using(name):
+            torch.testing.assert_close(other.model(ids).logits, tiny.model(ids).logits, rtol=0, atol=0)
+
+
+def test_bundle_refuses_another_model(bundle_dir):
+    from casrap.models.tiny import tiny_llama
+
+    with pytest.raises(CheckpointError, match="fingerprint") as err:
+        AdaptiveLM.load(bundle_dir, model=tiny_llama(seed=1), telemetry=FakeTelemetry(0))
+    assert "\n" not in str(err.value)
+
+
+def test_bundle_refuses_a_policy_with_other_actions(tiny, bundle_dir, tmp_path):
+    smaller, _ = make_tiny_bundle(tiny, tmp_path / "two", profiles=("none", "layers-25"))
+    shutil.copyfile(smaller / "policy.zip", bundle_dir / "policy.zip")
+    with pytest.raises(CheckpointError, match="2 actions"):
+        load_bundle(bundle_dir).load_policy()
+
+
+def test_bundle_refuses_other_observation_spec_and_tampered_plans(bundle_dir):
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["observation"]["features"] = manifest["observation"]["features"][:-1]
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="observation spec"):
+        load_bundle(bundle_dir)
+    manifest["observation"]["features"].append("latency_budget")
+    manifest["actions"] = list(reversed(manifest["actions"]))
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="differ from actions"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_bundle_is_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="no policy bundle"):
+        load_bundle(tmp_path / "nothing")
+
+
+# -------------------------------------------------------------------- router
+def test_budget_feature_follows_target_queue_and_wait(tiny):
+    adaptive, _ = _adaptive(tiny)
+    router = adaptive.router
+    router.latency = LatencyModel(prefill_s=0.0, decode_s=0.1)
+    ample = router.decide(PROMPT, 10, 10, target_s=2.0)  # estimate 1.0 s: ratio 2
+    assert ample.budget_ratio == pytest.approx(2.0) and ample.profile == "none"
+    tight = router.decide(PROMPT, 10, 10, target_s=0.5)
+    assert tight.budget_ratio == pytest.approx(0.5) and tight.profile == TINY_PROFILES[-1]
+    queued = router.decide(PROMPT, 10, 10, target_s=2.0, queue_length=2, waited_s=0.5)
+    assert queued.budget_ratio == pytest.approx(1.5 / 2.0)  # (2.0 - 0.5) / (1 + 0.5 * 2) / 1.0
+    default = router.decide(PROMPT, 10, 10)
+    assert default.budget_ratio == router.defaults.budget_ratio
+    assert default.observation[7] == pytest.approx(min(1.0, router.defaults.budget_ratio / 2))
+
+
+def test_router_observation_is_the_envs(tiny):
+    """The router feeds the policy the same vector the environment would build."""
+    from casrap.envs.analysis import PromptAnalyzer
+    from casrap.envs.observation import observation_vector
+
+    adaptive, policy = _adaptive(tiny)
+    adaptive.router.latency = LatencyModel(prefill_s=0.0, decode_s=0.1)
+    adaptive.router.telemetry = FakeTelemetry(3)
+    adaptive.choose(PROMPT, max_new_tokens=10, latency_target_s=1.0)
+    r = FakeTelemetry(3).read()
+    f = PromptAnalyzer(tiny.model, tiny.tokenizer, max_tokens=64).analyze(PROMPT)
+    expected = observation_vector(r.cpu_util, r.mem_available_gb, r.mem_total_gb, r.gpu_util, r.vram_free_gb, r.vram_total_gb,
+                                  r.battery, f.tokens, f.ppl, 1.0)
+    assert policy.seen[-1].tolist() == pytest.approx(expected.tolist(), abs=1e-4)  # budget less the (tiny) queue wait
+
+
+def test_latency_model_learns_full_speed_from_pruned_runs():
+    model = LatencyModel(prefill_s=0.0, decode_s=1.0, speed={"fast": 2.0})
+    model.observe("fast", prompt_tokens=10, new_tokens=11, ttft_s=0.05, total_s=0.55)  # 0.05 s/token on a 2x profile
+    assert model.decode_s == pytest.approx(0.1)
+    assert model.estimate(0, 10) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- AdaptiveLM
+def test_generate_records_profile_and_restores_full_model(tiny):
+    adaptive, _ = _adaptive(tiny)
+    adaptive.router.latency = LatencyModel(prefill_s=0.0, decode_s=10.0)  # any target is tight
+    result = adaptive.generate(PROMPT, max_new_tokens=5, latency_target_s=1.0)
+    rec = result.record
+    assert rec.profile == TINY_PROFILES[-1]
+    assert rec.completion_tokens == len(result.token_ids) <= 5
+    assert rec.target_met is not None and rec.latency_s >= rec.generation_s
+    assert adaptive.router.bank.active == "none"
+    assert len(tiny.model.model.layers) == 4
+
+
+def test_forced_profile_output_matches_the_bank(tiny):
+    adaptive, _ = _adaptive(tiny)
+    result = adaptive.generate(PROMPT, max_new_tokens=6, profile="layers-25", ignore_eos=True)
+    ids = adaptive.encode(PROMPT, 6)
+    with adaptive.router.bank.using("layers-25"):
+        expected = tiny.model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None,
+                                       pad_token_id=tiny.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert result.token_ids == expected and result.record.profile == "layers-25"
+
+
+def test_stream_yields_the_same_text_as_plain(tiny):
+    adaptive, _ = _adaptive(tiny)
+    plain = adaptive.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    stream = adaptive.generate(PROMPT, max_new_tokens=8, ignore_eos=True, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == plain.text
+    assert stream.record.profile == plain.record.profile
+
+
+def test_one_request_at_a_time_on_the_bank(tiny):
+    adaptive, _ = _adaptive(tiny)
+    router = adaptive.router
+    active, peak, guard = [0], [0], threading.Lock()
+    run = router.run
+
+    def counting_run(*args, **kwargs):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return run(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    router.run = counting_run
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(adaptive.generate(PROMPT, max_new_tokens=4))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and peak[0] == 1
+    assert adaptive.queue_length == 0
+
+
+@pytest.mark.parametrize("prompt,tokens,match", [("   ", 4, "empty"), ([], 4, "empty"), (PROMPT, 0, "at least 1"),
+                                                   ("word " * 5000, 4, "context window")])
+def test_bad_requests_are_one_line_input_errors(tiny, prompt, tokens, match):
+    adaptive, _ = _adaptive(tiny)
+    with pytest.raises(InputError, match=match):
+        adaptive.generate(prompt, max_new_tokens=tokens)
+
+
+def test_chat_messages_use_the_chat_template(tiny):
+    adaptive, _ = _adaptive(tiny)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    ids = adaptive.encode(messages, 4)
+    assert ids.shape[-1] == tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"].shape[-1]
+
+
+# ----------------------------------------------------------------------- CLI
+def test_cli_generate_json_with_a_bundle(bundle_dir):
+    from typer.testing import CliRunner
+
+    from casrap.cli import app
+
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--bundle", str(bundle_dir), "--model", "tiny-random-llama",
+                                      "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["casrap"]["profile"] in TINY_PROFILES and data["casrap"]["completion_tokens"] <= 4
+
+
+def test_cli_generate_mismatch_is_one_line(tmp_path, bundle_dir):
+    import subprocess
+    import sys
+
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["model"]["fingerprint"] = "llama-4L-000000000000"
+    for f in manifest["plans"]:
+        plan = json.loads((bundle_dir / f).read_text())
+        plan["fingerprint"] = "llama-4L-000000000000"
+        (bundle_dir / f).write_text(json.dumps(plan))
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "-m", "casrap.cli", "generate", PROMPT, "--bundle", str(bundle_dir), "--model",
+                           "tiny-random-llama"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "fingerprint" in proc.stderr
+
+
+# ------------------------------------------------------------------ loadtest
+def test_loadtest_in_process_compares_policy_full_and_statics(tiny):
+    from casrap.runtime.loadtest import POLICY, LoadTestConfig, run_loadtest
+
+    adaptive, _ = _adaptive(tiny)
+    result = run_loadtest(adaptive, LoadTestConfig(prompts=2, max_new_tokens=3, background_load=0.0))
+    assert [r.name for r in result.rows] == [POLICY, *TINY_PROFILES]
+    assert all(r.n == 2 for r in result.rows)
+    assert result.row("none").mean_kl == 0.0
+    for name in TINY_PROFILES:
+        assert result.row(name).profiles == {name: 2}
+        assert all(r["overhead_s"] >= 0 for r in result.requests if r["runner"] == name)  # the switch only
+    assert result.row(POLICY).overhead_share > 0.0
+    policy_requests = [r for r in result.requests if r["runner"] == POLICY]
+    static_kl = {(r["prompt_id"], r["runner"]): r["kl"] for r in result.requests if r["runner"] != POLICY}
+    assert all(r["kl"] == static_kl[(r["prompt_id"], r["profile"])] for r in policy_requests)
+    assert any("targets" in note for note in result.notes)
+
+
+def test_layer_plans_restored_exactly_as_recorded(tiny):
+    from casrap.runtime.provenance import rebuild_with, recorded_layer_plans
+
+    bank = tiny_bank(tiny)
+    built = bank.profile("layers-25").plan.skip_layers
+    other = [i for i in range(4) if i not in built][:1]
+    restored = recorded_layer_plans(bank, {"layers-25": f"1/4 layers skipped: {other}", "ffn-25": "whatever"})
+    assert list(restored) == ["layers-25"] and restored["layers-25"].skip_layers == other
+    fresh = rebuild_with(bank, restored)
+    assert fresh.names == bank.names and fresh.profile("layers-25").plan.skip_layers == other
+    assert recorded_layer_plans(fresh, {"layers-25": f"1/4 layers skipped: {other}"}) == {}
+
+
+def test_cli_bundle_packages_a_checkpoint_and_generate_streams(tmp_path):
+    from typer.testing import CliRunner
+
+    from casrap.agents.double_dqn import DoubleDQN
+    from casrap.cli import app
+    from runtime_helpers import SpacesEnv
+
+    checkpoint = tmp_path / "policy.zip"
+    DoubleDQN("MlpPolicy", SpacesEnv(3), seed=0, device="cpu", buffer_size=10).save(str(checkpoint))
+    checkpoint.with_suffix(".state.json").write_text(json.dumps({"profiles": list(TINY_PROFILES), "reward": "slo"}))
+    runner = CliRunner()
+    made = runner.invoke(app, ["bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--model", "tiny-random-llama", "--json"])
+    assert made.exit_code == 0, made.output
+    checked = load_bundle(tmp_path / "b")
+    assert checked.actions == list(TINY_PROFILES) and checked.manifest["reward"] == {"reward": "slo"}
+    streamed = runner.invoke(app, ["generate", PROMPT, "--bundle", str(tmp_path / "b"), "--model", "tiny-random-llama", "-n", "3", "--stream"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "profile " in streamed.output
