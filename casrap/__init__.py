@@ -15,4 +15,13 @@ try:  # registration must never make `import casrap` fail
 except ImportError:  # pragma: no cover - gymnasium missing
     pass
 
-__all__ = ["CasrapError", "__version__"]
+__all__ = ["AdaptiveLM", "CasrapError", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """``from casrap import AdaptiveLM`` without importing torch on ``import casrap``."""
+    if name == "AdaptiveLM":
+        from casrap.runtime.adaptive import AdaptiveLM
+
+        return AdaptiveLM
+    raise AttributeError(f"module 'casrap' has no attribute {name!r}")

@@ -10,6 +10,7 @@ inside every pair, so drift in machine load hits both sides.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -155,3 +156,73 @@ def run_bench(
         )
     return report
 
+
+
+# ----------------------------------------------------- dense vs factorised matmul
+@dataclass
+class MatmulTiming:
+    """One shape: a dense ``d_out x d_in`` map vs its rank-``rank`` factor pair."""
+
+    d_in: int
+    d_out: int
+    rank: int
+    tokens: int
+    dense_us: float
+    factorised_us: float
+    ideal_speedup: float  # parameters (weight bytes) dense / factorised
+    speedup: float  # median of per-repetition ratios dense / factorised
+
+    @property
+    def share_of_ideal(self) -> float:
+        return self.speedup / self.ideal_speedup
+
+
+@torch.inference_mode()
+def factorised_matmul_timing(
+    shapes: list[tuple[int, int]],
+    removed: float = 0.25,
+    tokens: int = 1,
+    repeats: int = 200,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> list[MatmulTiming]:
+    """Why low-rank profiles may not reach their ideal speedup: time ``F.linear`` on the
+    dense weight against the two factors removing ``removed`` of its parameters, at
+    decode batch size (``tokens`` rows), interleaved per repetition, medians.
+
+    At small shapes a second kernel launch costs as much as the bytes it saves; the
+    table shows at which size factorisation becomes fast on this machine.
+    """
+    import torch.nn.functional as F
+
+    from casrap.pruners.lowrank import rank_for_rate
+
+    def clock(fn: Callable[[], torch.Tensor]) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    rows = []
+    for d_in, d_out in shapes:
+        rank = rank_for_rate(removed, d_in, d_out) or 1
+        w = torch.randn(d_out, d_in, dtype=dtype, device=device)
+        a = torch.randn(rank, d_in, dtype=dtype, device=device)
+        b = torch.randn(d_out, rank, dtype=dtype, device=device)
+        x = torch.randn(tokens, d_in, dtype=dtype, device=device)
+        dense = lambda: F.linear(x, w)  # noqa: E731
+        factor = lambda: F.linear(F.linear(x, a), b)  # noqa: E731
+        for _ in range(10):
+            dense(), factor()
+        d_times, f_times, ratios = [], [], []
+        for _ in range(repeats):
+            td, tf = clock(dense), clock(factor)
+            d_times.append(td)
+            f_times.append(tf)
+            ratios.append(td / tf)
+        rows.append(MatmulTiming(d_in, d_out, rank, tokens, 1e6 * statistics.median(d_times), 1e6 * statistics.median(f_times),
+                                 d_in * d_out / (rank * (d_in + d_out)), statistics.median(ratios)))
+    return rows

@@ -127,6 +127,9 @@ def test_calibration_text_never_overlaps_evaluation_text():
     from casrap.data.prompts import text_key
 
     assert not {text_key(t) for t in texts} & test_keys
+    from casrap.data.calibration import evaluation_questions
+
+    assert evaluation_questions() and not evaluation_questions() & set(texts)
     splits = [set(prose_split(s).paragraphs()) for s in EVALUATION_SPLITS]
     assert all(splits) and not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
     assert load_corpus("offline").name == "casrap-prose/test"

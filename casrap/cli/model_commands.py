@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from casrap.cli.common import (
-    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
+    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, emit_json, load, out,
     progress_bar,
 )
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from casrap.cli.common import (
-    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
+    DeviceOpt, JsonOpt, ModelOpt, WeightNormOpt, build_profiles, emit_json, load, out,
     progress_bar,
 )
 from casrap.envs.rewards import REWARDS, RewardConfig, reward_config
@@ -108,6 +108,7 @@ def train(
     replay: Optional[str] = typer.Option(None, help="train on recorded measurements (a file from `casrap collect`, or 'bundled')"),
     background_load: bool = typer.Option(False, "--background-load", help="run a real CPU load that varies across episodes"),
     profiles: Optional[list[str]] = ProfilesOpt,
+    weight_norm: bool = WeightNormOpt,
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue from --checkpoint and its run folder"),
     save_every: int = typer.Option(25, help="episodes between checkpoints"),
@@ -138,7 +139,7 @@ def train(
     else:
         prompts = load_prompts(train_dataset, split="train")
         prompts = prompts[:train_samples] if train_samples else prompts
-        env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts)
+        env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts, weight_norm=weight_norm)
         names = env.action_names
         tokens = max_new_tokens
         trained_on = {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from casrap.cli.common import DeviceOpt, JsonOpt, build_profiles, console, emit_json, load, out
+from casrap.cli.common import DeviceOpt, JsonOpt, build_profiles, console, emit_json, load, out, progress_bar
 
 BundleOpt = typer.Option(None, "--bundle", "-b", help="policy bundle folder (default: the one shipped for the embedded model)")
 RuntimeModelOpt = typer.Option(None, "--model", "-m", help="model spec (default: the bundle's model)")
@@ -104,8 +104,9 @@ def loadtest(
     config = LoadTestConfig(prompts=prompts, max_new_tokens=max_new_tokens, budget_range=(budget_low, budget_high),
                             background_load=background_load, load_workers=load_workers, static=list(static or []), seed=seed, url=url)
     lm = _adaptive(bundle, model, device)
-    with console.status("load test running"):
-        result = run_loadtest(lm, config)
+    with progress_bar() as bar:
+        task = bar.add_task("load test (prompts)", total=prompts)
+        result = run_loadtest(lm, config, progress=lambda i, n: bar.update(task, completed=i, total=n))
     if plot:
         from casrap.runtime.loadtest import plot_result
 

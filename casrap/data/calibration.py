@@ -23,12 +23,22 @@ def calibration_corpus() -> Corpus:
     return Corpus(CALIBRATION_CORPUS, text)
 
 
+def evaluation_questions() -> set[str]:
+    """Questions of the bundled lm-eval task: never calibration text."""
+    import json
+
+    lines = resources.files("casrap.data").joinpath("casrap_local.jsonl").read_text(encoding="utf-8").splitlines()
+    return {json.loads(line)["question"].strip() for line in lines if line.strip()}
+
+
 def calibration_texts(samples: int = 64) -> list[str]:
-    """Every calibration paragraph, then training prompts (no passages) up to ``samples`` texts."""
+    """Every calibration paragraph, then training prompts (no passages, none that an
+    evaluation task asks) up to ``samples`` texts."""
     from casrap.data.prompts import load_prompts
 
     paragraphs = calibration_corpus().paragraphs()
-    prompts = [p.text for p in load_prompts(None, split="train") if p.category not in PASSAGE_CATEGORIES]
+    asked = evaluation_questions()
+    prompts = [p.text for p in load_prompts(None, split="train") if p.category not in PASSAGE_CATEGORIES and p.text not in asked]
     room = max(0, samples - len(paragraphs))
     # spread the prompts over categories instead of taking the first (all factual) ones
     step = max(1, len(prompts) // room) if room else len(prompts) + 1

@@ -67,7 +67,6 @@ def load_model(
     Raises :class:`ModelLoadError` with a one-line message for anything the user can
     fix (unknown spec, missing embedded package, unreachable hub).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved_device = resolve_device(device)

@@ -7,6 +7,10 @@ A profile spec is ``KIND-PERCENT``:
 - ``ffn-P``     P% of FFN channels sliced from every layer;
 - ``ffnmask-P`` the same channels masked (functional, no shape change);
 - ``layers-P``  P% of layers skipped by lowest block influence;
+- ``lowrank-P`` P% of the decoder's projection parameters (q/k/v/o/gate/up/down)
+  removed by LLM-Sieve low-rank projections, ranks allocated to minimise the summed
+  relative output error on calibration text (:func:`casrap.pruners.lowrank.allocate_ranks`);
+  always structural (there is no masked form), needs the model's cached PCA basis;
 - ``none``      the full model.
 
 Head specs rank units globally across layers; a ``:layer`` suffix (``heads-33:layer``)
@@ -22,19 +26,20 @@ import math
 import os
 import re
 
-from casrap.errors import InputError
+from casrap.errors import CheckpointError, InputError
 from casrap.models.architecture import ArchitectureInfo
 from casrap.profiles.plan import PruningPlan
 from casrap.pruners.ffn import plan_ffn_channels
 from casrap.pruners.heads import plan_kv_groups, plan_query_heads
 from casrap.pruners.importance import Importance
 from casrap.pruners.layers import plan_skip_layers
+from casrap.pruners.lowrank import LowRankBasis, allocate_ranks, removed_fraction
 
 FULL = "none"
 CASRAP_V22 = ["none", "heads-5", "heads-10", "heads-15", "layers-5", "layers-10", "ffn-5", "ffn-8"]
 TRADE_OFF = ["heads-25", "heads-50", "kvheads-33", "layers-25", "layers-50", "ffn-25", "ffn-50"]
-KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers")
-_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers)-(\d+(?:\.\d+)?)(:layer)?$")
+KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers", "lowrank")
+_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers|lowrank)-(\d+(?:\.\d+)?)(:layer)?$")
 
 
 def structural_default() -> bool:
@@ -56,19 +61,35 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 def build_plan(
     spec: str,
-    importance: Importance,
+    importance: Importance | None,
     info: ArchitectureInfo,
     base_model: str = "",
     structural: bool | None = None,
+    lowrank_basis: LowRankBasis | None = None,
 ) -> PruningPlan:
-    """Turn a spec like ``heads-10`` into a plan for this model and importance."""
+    """Turn a spec like ``heads-10`` into a plan for this model and importance.
+
+    ``lowrank-P`` uses ``lowrank_basis`` (PCA eigenvalues) instead of importance.
+    """
     kind, fraction = parse_spec(spec)
     functional = not (structural_default() if structural is None else structural)
-    meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source}
+    meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source if importance else ""}
     plan = PruningPlan(name=spec, base_model=base_model, meta=meta)
     if kind == FULL:
         plan.description = "full model"
         return plan
+    if kind == "lowrank":
+        if lowrank_basis is None:
+            raise CheckpointError(f"profile {spec!r} needs the model's low-rank PCA basis (build it through build_bank)")
+        plan.ranks = allocate_ranks(lowrank_basis, fraction)
+        plan.meta.update(importance="", basis=lowrank_basis.source, allocation="min summed relative output error")
+        ranks = [r for layer in plan.ranks.values() for r in layer.values()]
+        total = len(lowrank_basis.matrices)
+        plan.description = (f"{100 * removed_fraction(plan.ranks, lowrank_basis.shapes):.1f}% of projection parameters removed: "
+                            f"{len(ranks)}/{total} projections factorised (ranks {min(ranks, default=0)}-{max(ranks, default=0)})")
+        return plan
+    if importance is None:
+        raise CheckpointError(f"profile {spec!r} needs calibrated importance")
     if kind in {"heads", "kvheads"}:
         if kind == "heads":
             heads, removed = plan_query_heads(importance.heads, info.kv_heads, fraction, "layer" if spec.endswith(":layer") else "global")

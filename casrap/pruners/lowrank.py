@@ -11,9 +11,10 @@ This closed form fitted better than gradient-trained adapters or a plain weight 
 
 Why a cached *basis* rather than cached factors: the factors depend on the rank, and
 ranks differ per profile and per search genome; the principal directions do not. So
-the first use fits, for every q/k/v/o/gate/up/down projection, its eigenvalues (all)
-and eigenvectors (up to the break-even rank, stored float16: ~115 MB for SmolLM2) on
-:func:`casrap.data.calibration.calibration_texts` only, and saves them under
+the first use fits, for every q/k/v/o/gate/up/down projection, its eigenvectors (up to
+the break-even rank, stored float16: ~115 MB for SmolLM2) and the output energy along
+each direction, on :func:`casrap.data.calibration.calibration_texts` only (~2-3 min for
+SmolLM2 on 2 busy cores), and saves them under
 ``CASRAP_HOME/lowrank`` keyed to :func:`casrap.models.architecture.model_key` (like
 the importance cache). Any ``lowrank-P`` spec, rank plan or search genome then builds
 in about a second from that file. A matrix whose rank would not reduce parameters
@@ -24,6 +25,12 @@ relative residual output energies* of all matrices (the share of each matrix's o
 energy on calibration text that the projection drops) under the parameter budget;
 each added rank buys ``λ_k / E`` error for ``d_in + d_out`` parameters, so a greedy
 pick of the best ratio across all matrices is optimal up to integrality.
+
+The directions come from every token's outputs, but the energies that drive the
+allocation leave out each text's first token: its attention-sink outputs are orders of
+magnitude larger, made one direction of some matrices look like all their energy, and
+the allocation gave those matrices rank 1-2 (lowrank-10 validation ppl 70.5 with them,
+53.5 without; full model 28.8).
 """
 
 from __future__ import annotations
@@ -47,7 +54,11 @@ log = logging.getLogger(__name__)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 MATRICES = ATTENTION + MLP
-BASIS_VERSION = 1  # bump when the calibration text, statistic or storage changes
+BASIS_VERSION = 3  # bump when the calibration text, statistic or storage changes
+# the importance calibration's 64 texts (16 prose paragraphs + 48 training prompts, ~3.2k
+# SmolLM2 tokens). All 369 calibration texts (8.1k tokens, mostly short prompts) fitted the
+# calibration text better but held-out prose worse (lowrank-25 validation ppl 247 vs 178)
+CALIBRATION_SAMPLES = 64
 Ranks = dict[int, dict[str, int]]  # layer -> projection name -> rank
 Key = tuple[int, str]
 
@@ -105,15 +116,17 @@ class FactorisedLinear(nn.Module):
         return self.expand(self.reduce(x))
 
 
-def factorise(linear: nn.Linear, vectors: torch.Tensor) -> FactorisedLinear:
+def factorise(linear: nn.Linear, vectors: torch.Tensor, projected: torch.Tensor | None = None) -> FactorisedLinear:
     """Project ``linear``'s outputs on the orthonormal columns of ``vectors`` ([d_out, r]).
 
     Factors are computed in float32 and stored in the linear's dtype and device; with a
     complete orthonormal basis the result equals ``linear`` (up to rounding).
+    ``projected`` (``vectorsᵀ W``, precomputed) skips the matmul when many ranks of the
+    same matrix are built (search).
     """
     weight = linear.weight.detach()
     u = vectors.to(device=weight.device, dtype=torch.float32)
-    reduce_w = (u.T @ weight.float()).to(weight.dtype).contiguous()
+    reduce_w = (projected if projected is not None else u.T @ weight.float()).to(weight.dtype).contiguous()
     expand_w = u.to(weight.dtype).contiguous()
     reduce = nn.Linear(weight.shape[1], u.shape[1], bias=linear.bias is not None, device="meta")
     reduce.weight = nn.Parameter(reduce_w, requires_grad=False)
@@ -130,8 +143,9 @@ class MatrixBasis:
     """Principal output directions of one projection, by decreasing energy."""
 
     vectors: torch.Tensor  # [d_out, r_max] orthonormal columns (r_max = break-even rank)
-    energy: torch.Tensor  # [d_out] eigenvalues of E[y yᵀ], decreasing, >= 0
+    energy: torch.Tensor  # [d_out] ordinary tokens' output energy along each vector (sums to their total)
     d_in: int
+    projected: torch.Tensor | None = None  # vectorsᵀ W in float32, only while searching (not saved)
 
     @property
     def d_out(self) -> int:
@@ -156,6 +170,15 @@ class LowRankBasis:
     @property
     def shapes(self) -> dict[Key, tuple[int, int]]:
         return {k: (m.d_in, m.d_out) for k, m in self.matrices.items()}
+
+    def precompute_projections(self, model: Any) -> None:
+        """Keep ``Uᵀ W`` of every projection (float32, ~half the projection weights):
+        building a rank then slices rows instead of multiplying. For search only."""
+        layers = decoder_layers(model)
+        with torch.no_grad():
+            for (layer, name), m in self.matrices.items():
+                weight = getattr(getattr(layers[layer], _parent(name)), name).weight
+                m.projected = m.vectors.to(weight.device, torch.float32).T @ weight.float()
 
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
@@ -217,10 +240,14 @@ def fit_basis(
     widths: dict[Key, int] = {}
     handles = []
 
+    firsts: dict[Key, list[torch.Tensor]] = {}
+
     def hook(key: Key) -> Callable[..., None]:
         def inner(module: Any, args: Any, output: torch.Tensor) -> None:
-            y = output.detach().reshape(-1, output.shape[-1]).float()
-            second[key].addmm_(y.T, y)
+            y = output.detach().float()
+            firsts[key].append(y[:, 0].cpu())
+            rest = y[:, 1:].reshape(-1, y.shape[-1])
+            second[key].addmm_(rest.T, rest)
         return inner
 
     for i, layer in enumerate(layers):
@@ -228,6 +255,7 @@ def fit_basis(
             linear = getattr(getattr(layer, _parent(name)), name)
             second[(i, name)] = torch.zeros(linear.out_features, linear.out_features, device=linear.weight.device)
             widths[(i, name)] = linear.in_features
+            firsts[(i, name)] = []
             handles.append(linear.register_forward_hook(hook((i, name))))
     device = next(model.parameters()).device
     tokens = 0
@@ -243,11 +271,17 @@ def fit_basis(
             handle.remove()
     matrices = {}
     for key in list(second):
-        cov = second.pop(key).double() / tokens
-        energy, vectors = torch.linalg.eigh(cov)
-        energy, vectors = energy.flip(0).clamp_min(0), vectors.flip(1)
-        r_max = max(1, breakeven_rank(widths[key], cov.shape[0]))
-        matrices[key] = MatrixBasis(vectors[:, :r_max].float().cpu(), energy.float().cpu(), widths[key])
+        rest = second.pop(key).double().cpu()
+        first = torch.cat(firsts.pop(key)).double()
+        _, vectors = torch.linalg.eigh((rest + first.T @ first) / tokens)
+        vectors = vectors.flip(1)
+        # what each direction carries for ordinary tokens: the first token's outputs are
+        # massive (attention sink) and would otherwise make one direction look like all
+        # of a matrix's energy, and the allocation starve the directions text needs
+        energy = ((rest @ vectors) * vectors).sum(0).div(tokens).clamp_min(0)
+        r_max = max(1, breakeven_rank(widths[key], rest.shape[0]))
+        # stored as saved (float16): a plan built right after fitting equals its later replay
+        matrices[key] = MatrixBasis(vectors[:, :r_max].to(torch.float16).cpu(), energy.float().cpu(), widths[key])
     return LowRankBasis(matrices, f"calibrated:{len(texts)} texts, {tokens} tokens", model_key(model))
 
 
@@ -272,7 +306,7 @@ def load_or_fit_basis(
     from casrap.data.calibration import calibration_texts
 
     log.info("no low-rank basis for this model yet: fitting PCA of every projection's outputs on calibration text, saving to %s", path)
-    basis = fit_basis(model, tokenizer, texts or calibration_texts(), progress=progress)
+    basis = fit_basis(model, tokenizer, texts or calibration_texts(CALIBRATION_SAMPLES), progress=progress)
     basis.save(path)
     return basis
 
@@ -296,7 +330,8 @@ def factorise_layer(layer: nn.Module, original: nn.Module, ranks: dict[str, int]
         if rank > entry.vectors.shape[1]:
             continue  # would not reduce parameters: stays dense
         source = getattr(getattr(original, _parent(name)), name)
-        setattr(getattr(layer, _parent(name)), name, factorise(source, entry.vectors[:, :rank]))
+        projected = entry.projected[:rank] if entry.projected is not None else None
+        setattr(getattr(layer, _parent(name)), name, factorise(source, entry.vectors[:, :rank], projected))
 
 
 # ----------------------------------------------------------------- allocations

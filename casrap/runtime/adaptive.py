@@ -14,6 +14,7 @@ target the bundle's default budget applies (``RuntimeDefaults.budget_ratio``).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -68,9 +69,10 @@ class GenerationRecord:
         return (self.decision_s + self.switch_s) / self.latency_s if self.latency_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe data (a forced profile has no budget: NaN becomes None)."""
         data = asdict(self)
         data["overhead_share"] = self.overhead_share
-        return data
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()}
 
 
 @dataclass
@@ -89,20 +91,34 @@ class GenerationStream:
 
     _END = object()
 
-    def __init__(self, run: Callable[[Callable[[str], None]], Generation]) -> None:
+    def __init__(self, run: Callable[[Callable[[str], None], Callable[[Decision], None]], Generation]) -> None:
         self._queue: queue.Queue[Any] = queue.Queue()
         self.result: Generation | None = None
+        self.decision: Decision | None = None
+        self.decided = threading.Event()  # set once the profile is chosen (or the request failed)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
         self._thread.start()
 
-    def _work(self, run: Callable[[Callable[[str], None]], Generation]) -> None:
+    def _on_decision(self, decision: Decision) -> None:
+        self.decision = decision
+        self.decided.set()
+
+    def _work(self, run: Callable[[Callable[[str], None], Callable[[Decision], None]], Generation]) -> None:
         try:
-            self.result = run(self._queue.put)
+            self.result = run(self._queue.put, self._on_decision)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             self._error = err
         finally:
+            self.decided.set()
             self._queue.put(self._END)
+
+    def wait_decision(self, timeout: float | None = None) -> Decision | None:
+        """Block until the profile is chosen; re-raises an error that came first."""
+        self.decided.wait(timeout)
+        if self.decision is None and self._error is not None:
+            raise self._error
+        return self.decision
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -136,12 +152,14 @@ class AdaptiveLM:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, bundle: str | Any = None, model: str | Any = None, device: str = "auto",
-             telemetry: Any = None, clock: Callable[[], float] = time.perf_counter) -> AdaptiveLM:
+             telemetry: Any = None, clock: Callable[[], float] = time.perf_counter, warmup_tokens: int = 8) -> AdaptiveLM:
         """Load a bundle (default: the shipped one) and its model (default: the bundle's).
 
         ``model`` is a spec for :func:`casrap.models.load_model` or an already
         loaded :class:`LoadedModel`. Raises :class:`CheckpointError` (one line) when the
-        model's weights are not those the bundle's plans were made for.
+        model's weights are not those the bundle's plans were made for. ``warmup_tokens``
+        > 0 runs :meth:`warmup` (the first forward pass after loading is several times
+        slower than the rest and would mislead both the first decision and the latency model).
         """
         from casrap.models import load_model
         from casrap.models.loaded import LoadedModel
@@ -151,7 +169,23 @@ class AdaptiveLM:
         bank = checked.build_bank(lm.model)
         policy = checked.load_policy()
         router = Router(bank, lm.tokenizer, policy, checked.defaults, telemetry=telemetry, clock=clock)
-        return cls(router, lm.tokenizer, model_name=lm.spec, bundle=checked, clock=clock)
+        adaptive = cls(router, lm.tokenizer, model_name=lm.spec, bundle=checked, clock=clock)
+        if warmup_tokens > 0:
+            adaptive.warmup(warmup_tokens)
+        return adaptive
+
+    def warmup(self, tokens: int = 8) -> None:
+        """One untimed pass, then one timed full-model generation that seeds the latency model."""
+        from casrap.runtime.generation import generate_timed
+
+        ids = self.encode("Hello.", tokens)
+        model = self.router.bank.model
+        with self._lock:
+            self.router.bank.activate("none")
+            generate_timed(model, self.tokenizer, ids, 2, clock=self.clock, ignore_eos=True)
+            out = generate_timed(model, self.tokenizer, ids, tokens, clock=self.clock, ignore_eos=True)
+            self.router.latency.observations = 0  # the measured run replaces the prior outright
+            self.router.latency.observe("none", int(ids.shape[-1]), tokens, out.ttft_s, out.generation_s)
 
     @property
     def defaults(self) -> RuntimeDefaults:
@@ -216,7 +250,7 @@ class AdaptiveLM:
 
     def choose(self, prompt: str | Messages, max_new_tokens: int | None = None, latency_target_s: float | None = None) -> Decision:
         """The decision alone (no generation)."""
-        n = max_new_tokens or self.defaults.max_new_tokens
+        n = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = self.encode(prompt, n)
         waited, behind = self._enter()
         try:
@@ -225,15 +259,18 @@ class AdaptiveLM:
             self._lock.release()
 
     def _generate_ids(self, text: str, ids: torch.Tensor, n: int, target: float | None,
-                      on_text: Callable[[str], None] | None, ignore_eos: bool, profile: str | None, **sampling: Any) -> Generation:
+                      on_text: Callable[[str], None] | None, ignore_eos: bool, profile: str | None,
+                      on_decision: Callable[[Decision], None] | None = None, **sampling: Any) -> Generation:
         waited, behind = self._enter()
         try:
             start = self.clock()
             if profile is None:
                 decision = self.router.decide(text, int(ids.shape[-1]), n, target, behind, waited)
-                routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
             else:
-                routed = self.router.run_profile(profile, text, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
+                decision = self.router.fixed_decision(profile, ids, n, behind, waited)
+            if on_decision is not None:
+                on_decision(decision)
+            routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
             latency = self.clock() - start
         finally:
             self._lock.release()
@@ -268,11 +305,12 @@ class AdaptiveLM:
         generates exactly ``max_new_tokens`` (timing). ``sampling``: ``do_sample``,
         ``temperature``, ``top_p`` (greedy by default).
         """
-        n = max_new_tokens or self.defaults.max_new_tokens
+        n = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
         if profile is not None and profile not in self.router.actions:
             raise InputError(f"no profile named {profile!r}; have {', '.join(self.router.actions)}")
         ids = self.encode_raw(prompt, n) if raw and isinstance(prompt, str) else self.encode(prompt, n)
         text = self.prompt_text(prompt)
         if stream:
-            return GenerationStream(lambda on_text: self._generate_ids(text, ids, n, latency_target_s, on_text, ignore_eos, profile, **sampling))
+            return GenerationStream(lambda on_text, on_decision: self._generate_ids(
+                text, ids, n, latency_target_s, on_text, ignore_eos, profile, on_decision, **sampling))
         return self._generate_ids(text, ids, n, latency_target_s, None, ignore_eos, profile, **sampling)

@@ -200,8 +200,14 @@ def write_bundle(
     ``calibration`` (the importance file the plans were built from) is copied in for
     provenance; the plans alone rebuild the bank.
     """
-    from casrap import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
     from casrap.models.architecture import describe
+
+    try:
+        casrap_version = version("casrap")
+    except PackageNotFoundError:  # running from a source tree
+        casrap_version = "unknown"
 
     out_dir = Path(out_dir)
     if not Path(policy_zip).is_file():
@@ -223,7 +229,7 @@ def write_bundle(
     manifest = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "casrap_version": __version__,
+        "casrap_version": casrap_version,
         "model": {"spec": model_spec, "fingerprint": bank.fingerprint, "model_type": info.model_type, "layers": info.layers,
                   "query_heads": info.query_heads, "kv_heads": info.kv_heads, "ffn_width": info.ffn_width},
         "actions": list(bank.names),

@@ -176,8 +176,9 @@ class Router:
         self.latency.observe(decision.profile, int(input_ids.shape[-1]), len(output.token_ids), output.ttft_s, output.generation_s)
         return Routed(decision, output, switch_s)
 
-    def run_profile(self, profile: str, text: str, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> Routed:
-        """Run a fixed profile through the same path (static baselines in ``loadtest``)."""
-        decision = Decision(profile, self.actions.index(profile), [], int(input_ids.shape[-1]), float("nan"), None,
-                            float("nan"), self.latency.estimate(int(input_ids.shape[-1]), max_new_tokens), 0, 0.0, 0.0, 0.0, 0.0)
-        return self.run(decision, input_ids, max_new_tokens, **kwargs)
+    def fixed_decision(self, profile: str, input_ids: torch.Tensor, max_new_tokens: int, queue_length: int = 0,
+                       waited_s: float = 0.0) -> Decision:
+        """A decision that names ``profile`` without asking the policy (static baselines)."""
+        tokens = int(input_ids.shape[-1])
+        return Decision(profile, self.actions.index(profile), [], tokens, float("nan"), None, float("nan"),
+                        self.latency.estimate(tokens, max_new_tokens), queue_length, waited_s, 0.0, 0.0, 0.0)

@@ -118,4 +118,12 @@ def plan_sparsity(plan: PruningPlan, info: ArchitectureInfo) -> float:
     for layer, kept in plan.ffn.items():
         if layer not in plan.skip_layers:
             removed += (info.ffn_width - len(kept)) * unit["ffn_channel"]
+    if plan.ranks:
+        from casrap.pruners.lowrank import factor_params
+
+        h, q, kv, f = info.hidden_size, info.query_heads * info.head_dim, info.kv_heads * info.head_dim, info.ffn_width
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+        for layer, ranks in plan.ranks.items():
+            if layer not in plan.skip_layers:
+                removed += sum(shapes[n][0] * shapes[n][1] - factor_params(r, *shapes[n]) for n, r in ranks.items())
     return removed / total

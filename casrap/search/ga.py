@@ -67,6 +67,7 @@ class SearchResult:
     history: list[GenerationLog]
     evaluations: int
     front: list[tuple[list[Any], tuple[float, ...]]] = field(default_factory=list)
+    final: list[tuple[list[Any], float]] = field(default_factory=list)  # last population, best first
 
 
 class Memo:
@@ -266,16 +267,37 @@ def run_rates_ga(
     evaluate: MemoEvaluator,
     config: SearchConfig,
     on_generation: Callable[[GenerationLog], None] | None = None,
+    repair: Callable[[list[float]], list[float]] | None = None,
+    seeds: list[list[float]] | None = None,
 ) -> SearchResult:
-    """Per-layer rates: 50% elitism, bounded mutation (±rate_step), blend crossover."""
+    """Per-gene rates: 50% elitism, bounded mutation (±rate_step), blend crossover.
+
+    ``layers`` is the genome length (one rate per layer, or per projection for ranks).
+    ``repair`` replaces the unweighted mean-rate repair (ranks weight genes by size);
+    ``seeds`` replace the uniform starting point, and the rest of the first population
+    are their mutants instead of random rates around the target (a long genome's
+    random rates are far from any good plan).
+    """
     from deap import tools
 
     rng, Individual = _seeded(config, "rates", (1.0,))
 
     def fix(ind: list[float]) -> list[float]:
-        return repair_rates(ind, target, config.max_rate)
+        return repair(ind) if repair else repair_rates(ind, target, config.max_rate)
 
-    pop = [Individual(fix([target] * layers))]  # the uniform plan is one starting point
+    def mutate(ind: list[float]) -> None:
+        for i in range(len(ind)):
+            if rng.random() < 0.3:
+                ind[i] += rng.uniform(-config.rate_step, config.rate_step)
+
+    if seeds:
+        pop = [Individual(fix(list(seed))) for seed in seeds[: config.population]]
+        while len(pop) < config.population:
+            child = list(seeds[len(pop) % len(seeds)])
+            mutate(child)
+            pop.append(Individual(fix(child)))
+    else:
+        pop = [Individual(fix([target] * layers))]  # the uniform plan is one starting point
     while len(pop) < config.population:
         pop.append(Individual(fix([min(config.max_rate, max(0.0, target + rng.uniform(-0.2, 0.2))) for _ in range(layers)])))
     history: list[GenerationLog] = []
@@ -291,13 +313,13 @@ def run_rates_ga(
             if rng.random() < config.cxpb:
                 tools.cxBlend(a, b, alpha=0.3)
             if rng.random() < config.mutpb:
-                for i in range(layers):
-                    if rng.random() < 0.3:
-                        a[i] += rng.uniform(-config.rate_step, config.rate_step)
+                mutate(a)
             children.append(Individual(fix(list(a))))
         pop = elite + children
-    best = max(pop, key=lambda i: i.fitness.values[0])
-    return SearchResult("rates", list(best), best.fitness.values[0], history, evaluate.evaluations)
+    ranked = sorted(pop, key=lambda i: -i.fitness.values[0])
+    best = ranked[0]
+    return SearchResult("rates", list(best), best.fitness.values[0], history, evaluate.evaluations,
+                        final=[(list(i), i.fitness.values[0]) for i in ranked])
 
 
 def run_nsga2(

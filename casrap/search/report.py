@@ -40,6 +40,21 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {r['method']} | {r['groups_removed']} | {100 * r['sparsity']:.1f}% | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["heads_table"]]
         terms = task["best_terms"]
         lines += ["", "Fitness terms of the best mask (they must not cancel): " + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()), ""]
+    if "ranks_table" in report:
+        lines += ["## Low-rank projections (LLM-Sieve): GA ranks vs min-error allocation vs uniform, same parameter count", "",
+                  f"PCA basis: {report.get('lowrank_basis', '?')} (calibration text only).", "",
+                  "| target | method | projection params removed | summed relative error | validation ppl [95% CI] | test ppl [95% CI] |",
+                  "|---:|---|---:|---:|---|---|"]
+        lines += [f"| {100 * r['target']:.0f}% | {r['method']} | {100 * r['removed']:.1f}% | {r['relative_error']:.2f} | {_ci(r, 'validation')} | {_ci(r, 'test')} |"
+                  for r in report["ranks_table"]]
+        bis = report["ranks_bisect"]
+        lines += ["", f"Binary search (search split) for the largest reduction with ppl <= {bis['limit_ppl']:.2f} "
+                  f"(full {bis['full_search_ppl']:.2f} x {1 + bis['tolerance']:.2f}):", "",
+                  "| method | projection params removed | search ppl | validation ppl | test ppl |", "|---|---:|---:|---:|---:|"]
+        for r in bis["rows"]:
+            found = f"{r['search_ppl']:.2f}" if r.get("search_ppl") else "none within tolerance"
+            lines.append(f"| {r['method']} | {100 * r['fraction']:.1f}% | {found} | {r.get('validation', float('nan')):.2f} | {r.get('test', float('nan')):.2f} |")
+        lines.append("")
     if "pareto" in report:
         lines += ["## NSGA-II front (layer sets): search-split perplexity vs ideal speedup", "", "| layers removed | ppl | ideal speedup |", "|---|---:|---:|"]
         lines += [f"| {p['skip']} | {p['ppl']:.2f} | {p['ideal_speedup']:.3f} |" for p in report["pareto"]["front"]]

@@ -27,7 +27,8 @@ from casrap.search import ga
 from casrap.search.data import LabelledPrompt, load_safety_task
 from casrap.search.fitness import PerplexityScorer, SafetyScorer, plan_sparsity
 
-ENCODINGS = ("rates", "layers", "heads", "nsga2")
+ENCODINGS = ("rates", "layers", "heads", "nsga2", "ranks")
+DEFAULT_ENCODINGS = ("rates", "layers", "heads", "nsga2")  # ranks: opt in (`-e ranks`), it fits a PCA basis
 EVAL_PROFILE = "__eval__"
 T = TypeVar("T")
 
@@ -36,13 +37,14 @@ T = TypeVar("T")
 class SearchRun:
     """What ``casrap search`` was asked for."""
 
-    encodings: tuple[str, ...] = ENCODINGS
+    encodings: tuple[str, ...] = DEFAULT_ENCODINGS
     sparsities: tuple[float, ...] = (0.2, 0.4)
     head_sparsity: float = 0.2
     tokens: int = 512
     task_data: str = "auto"
     alpha: float = 1.0  # heads: weight of the sparsity shortfall penalty
     beta: float = 0.5  # heads: weight of the pruned-importance penalty
+    ppl_tolerance: float = 0.1  # ranks: binary search keeps search ppl <= (1 + tolerance) x full
     config: ga.SearchConfig = field(default_factory=ga.SearchConfig)
 
 
@@ -243,5 +245,20 @@ def run_search(
                 baselines.setdefault(method, []).append(objectives([int(i in skip) for i in range(info.layers)]))
         report["pareto"] = {"front": [{"skip": [i for i, b in enumerate(g) if b], "ppl": f[0], "ideal_speedup": f[1]} for g, f in result.front],
                             "baselines": {m: [{"ppl": p, "ideal_speedup": s} for p, s in v] for m, v in baselines.items()}}
+    if "ranks" in run.encodings:
+        from casrap.search.ranks import run_ranks
+
+        if bank.lowrank_basis is None:
+            from casrap.pruners.lowrank import load_or_fit_basis
+
+            bank.lowrank_basis = load_or_fit_basis(model, tokenizer, key=bank.fingerprint)
+        found = run_ranks(bank, lambda plan, split: _ppl_eval(bank, plan, ppl[split]), ppl["search"].ppl, n_tok, run.sparsities,
+                          cfg, run.ppl_tolerance, full["search"][0], note)
+        for name, plan in found.pop("ranks_plans").items():
+            plan.base_model, plan.fingerprint = base_model, bank.fingerprint
+            plan.save(plans_dir / f"{name}.json")
+        report["results"].update(found.pop("ranks_results"))
+        report.update(found)
+        report["lowrank_basis"] = bank.lowrank_basis.source
     (out_dir / "search.json").write_text(json.dumps(report, indent=1, default=float))
     return report
