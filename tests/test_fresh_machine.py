@@ -310,3 +310,27 @@ def test_double_dqn_regresses_on_online_argmax_evaluated_by_target(monkeypatch):
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], expected)
     assert not torch.allclose(seen[0], swapped) and not torch.allclose(seen[0], vanilla)
+
+
+def test_sigterm_during_training_keeps_checkpoint_and_metrics(tmp_path):
+    """A training run stopped from outside saves its policy and state, and can resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "casrap.cli", "train", "--replay", "bundled", "--reward", "slo", "--episodes", "1000000",
+            "--checkpoint", "ck/p.zip", "--quiet"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "reports" / "train-1" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 50):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = json.loads((tmp_path / "ck" / "p.state.json").read_text())
+    assert (tmp_path / "ck" / "p.zip").is_file() and state["episodes_done"] >= 50
+    assert state["prompts"]["train_keys"] and state["reward"] == "slo"

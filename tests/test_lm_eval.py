@@ -8,21 +8,6 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-_USER_TASK = """task: my_mc
-dataset_path: json
-dataset_kwargs:
-  data_files: {data}
-test_split: train
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 
 def test_local_task_scores_full_model_and_profiles(tiny):
     from casrap.evaluation.lm_eval_tasks import LOCAL_TASK, run_lm_eval
@@ -40,7 +25,7 @@ def test_user_task_keyed_to_the_full_model_separates_a_broken_profile(tiny, tmp_
     """Answers are the full model's own choices, so the full model scores 1.0 and a profile
     that really runs pruned (half the layers of a random model) does not; if the bank did
     not switch, both would score 1.0 and this test would fail."""
-    from casrap.evaluation.lm_eval_tasks import run_lm_eval
+    from casrap.evaluation.lm_eval_tasks import multiple_choice_yaml, run_lm_eval
     from casrap.profiles.factory import build_bank
     from casrap.pruners.importance import weight_norm_importance
 
@@ -65,7 +50,7 @@ def test_user_task_keyed_to_the_full_model_separates_a_broken_profile(tiny, tmp_
     data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     folder = tmp_path / "tasks"
     folder.mkdir()
-    (folder / "my_mc.yaml").write_text(_USER_TASK.format(data=data))
+    (folder / "my_mc.yaml").write_text(multiple_choice_yaml("my_mc", data))
     results = run_lm_eval(bank, tiny.tokenizer, ["my_mc"], ["layers-50"], include_paths=[folder])
     assert results["none"]["my_mc"] == 1.0
     assert results["layers-50"]["my_mc"] < 1.0

@@ -276,3 +276,20 @@ def test_cli_bundle_packages_a_checkpoint_and_generate_streams(tmp_path):
     streamed = runner.invoke(app, ["generate", PROMPT, "--bundle", str(tmp_path / "b"), "--model", "tiny-random-llama", "-n", "3", "--stream"])
     assert streamed.exit_code == 0, streamed.output
     assert "profile " in streamed.output
+
+
+def test_live_train_writes_a_bundle_that_runs(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from casrap.cli import app
+    from casrap.runtime.bundle import bundle_dir_for
+
+    checkpoint = tmp_path / "policy.zip"
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random-llama", "--episodes", "2", "--max-new-tokens", "2",
+                                      "-p", "none", "-p", "layers-25", "--checkpoint", str(checkpoint),
+                                      "--reports", str(tmp_path / "reports"), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bundle"] == str(bundle_dir_for(checkpoint))
+    adaptive = AdaptiveLM.load(bundle_dir_for(checkpoint), model=tiny, telemetry=FakeTelemetry(0), warmup_tokens=0)
+    assert adaptive.profiles == ["none", "layers-25"]
+    assert adaptive.generate(PROMPT, max_new_tokens=2).record.profile in adaptive.profiles

@@ -39,7 +39,9 @@ def main() -> None:
         pass
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CasrapError as err:
         console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -40,6 +40,19 @@ def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int,
     return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
 
 
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a scheduler, `kill`, a closing container) like Ctrl-C: checkpoint, then stop.
+
+    Background jobs also start with SIGINT ignored, so SIGTERM is how they are stopped.
+    """
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _episode_line(r: dict[str, Any]) -> str:
     if "prompt_tokens" not in r:
         return (f"ep {r['episode']:>4} | {r['profile']:<11} | {r['latency_s']:.3f}s vs {r['baseline_latency_s']:.3f}s "
@@ -146,6 +159,7 @@ def train(
     background = BackgroundLoad(workers=1).start() if background_load and not replay else None
     config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every)
     started = time.perf_counter()
+    interrupt_on_sigterm()
     with progress_bar() as bar:
         task = bar.add_task("training", total=episodes)
 
@@ -166,15 +180,32 @@ def train(
     elapsed = time.perf_counter() - started
     report = build_report(result.run_dir, f"casrap train ({'replay ' + replay if replay else model}, reward {reward})",
                           {"wall time": f"{elapsed:.0f} s", "checkpoint": str(checkpoint)})
+    bundle_dir = None if replay or result.interrupted else _write_bundle(env, checkpoint, model, reward, slo_lambda)
     summary = {"run_dir": str(result.run_dir), "checkpoint": str(checkpoint), "episodes_done": result.episodes_done,
-               "interrupted": result.interrupted, "wall_s": elapsed, "report": str(report)}
+               "interrupted": result.interrupted, "wall_s": elapsed, "report": str(report),
+               "bundle": str(bundle_dir) if bundle_dir else None}
     if as_json:
         emit_json(summary)
     else:
         out.print(f"{'interrupted; ' if result.interrupted else ''}{result.episodes_done} episodes in {elapsed:.0f} s; "
                   f"policy {checkpoint}; report {report}" + ("; continue with --resume" if result.interrupted else ""))
+        if bundle_dir:
+            out.print(f"bundle {bundle_dir} (casrap generate/serve --bundle {bundle_dir})")
+        elif replay:
+            out.print(f"to run it: casrap bundle --checkpoint {checkpoint} --out DIR --model MODEL (builds the actions' plans for a model)")
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _write_bundle(env: Any, checkpoint: Path, model: str, reward: str, slo_lambda: float) -> Path:
+    """The policy bundle of a live run: the policy with the exact plans it was trained on."""
+    from casrap.agents.training import read_state
+    from casrap.pruners.importance import default_calibration_path
+    from casrap.runtime.bundle import bundle_dir_for, write_bundle
+
+    return write_bundle(bundle_dir_for(checkpoint), checkpoint, env.bank, model_spec=model,
+                        reward={"reward": reward, "slo_lambda": slo_lambda}, training=read_state(checkpoint),
+                        calibration=default_calibration_path(env.model))
 
 
 # ------------------------------------------------------------------------- test

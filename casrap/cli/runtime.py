@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -138,18 +137,13 @@ def bundle(
     as_json: bool = JsonOpt,
 ) -> None:
     """Package a trained policy with the exact plans of its actions for a model (a bundle)."""
-    from casrap.agents.training import state_path
+    from casrap.agents.training import read_state, state_path
     from casrap.errors import CheckpointError
     from casrap.pruners.importance import default_calibration_path
     from casrap.runtime.bundle import RuntimeDefaults, load_bundle, write_bundle
     from casrap.runtime.provenance import training_provenance
 
-    state: dict[str, Any] = {}
-    if state_path(checkpoint).is_file():
-        try:
-            state = json.loads(state_path(checkpoint).read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{state_path(checkpoint)} is not valid JSON: {err}") from err
+    state = read_state(checkpoint)
     names = list(profiles or state.get("profiles") or [])
     if not names:
         raise CheckpointError(f"no action list: {state_path(checkpoint)} names no profiles; give --profiles in policy order")

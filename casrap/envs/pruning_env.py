@@ -12,35 +12,22 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from casrap.data.prompts import Prompt, load_prompts
 from casrap.envs.analysis import PromptAnalyzer, PromptFeatures
 from casrap.envs.config import OBSERVATION_FEATURES, EnvConfig
-from casrap.envs.observation import observation_vector
 from casrap.envs.rewards import RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 from casrap.measure.perplexity import mean_kl, next_token_logits, teacher_forced_ppl
 from casrap.measure.timing import check_prompt_fits
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL
+from casrap.runtime.bundle import RuntimeDefaults
+from casrap.runtime.generation import generate_timed
+from casrap.runtime.router import Router, build_observation
 from casrap.telemetry.live import LiveTelemetry, Telemetry, TelemetryReading
 
-
 log = logging.getLogger(__name__)
-
-
-class _FirstTokenTimer(StoppingCriteria):
-    """Records the clock when the first new token exists (prefill + one token)."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.first: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.first is None:
-            self.first = self.clock()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -148,7 +135,11 @@ class PruningEnv(gym.Env):
         self.telemetry = telemetry or LiveTelemetry()
         self.clock = clock
         self.prompts = prompts if prompts is not None else load_prompts(self.config.prompts, split=self.config.split)  # type: ignore[arg-type]
-        self.analyzer = PromptAnalyzer(self.model, tokenizer, max_tokens=self.config.analysis_tokens, clock=clock)
+        # the runtime's decision path without a policy (the agent decides): same analysis,
+        # observation and timed generation as AdaptiveLM and casrap serve
+        self.router = Router(bank, tokenizer, policy=None, defaults=RuntimeDefaults(analysis_tokens=self.config.analysis_tokens),
+                             telemetry=self.telemetry, clock=clock)
+        self.analyzer: PromptAnalyzer = self.router.analyzer
         self.action_names = list(bank.names)
         self.action_space = spaces.Discrete(len(self.action_names))
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
@@ -183,22 +174,10 @@ class PruningEnv(gym.Env):
             self._ids[prompt.id] = ids.to(next(self.model.parameters()).device)
         return self._ids[prompt.id]
 
-    @torch.inference_mode()
     def _timed_generate(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        timer = _FirstTokenTimer(self.clock)
-        n = self.config.max_new_tokens
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = self.clock()
-        out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-            eos_token_id=None, pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([timer]),
-        )
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        end = self.clock()
-        ttft = (timer.first if timer.first is not None else end) - start
-        return end - start, ttft, out[0, ids.shape[1]:]
+        """The full model's timed generation, by the runtime's timing code (EOS ignored)."""
+        out = generate_timed(self.model, self.tokenizer, ids, self.config.max_new_tokens, clock=self.clock, ignore_eos=True)
+        return out.generation_s, out.ttft_s, torch.tensor(out.token_ids, dtype=ids.dtype, device=ids.device)
 
     def baseline(self, prompt: Prompt, reading: TelemetryReading) -> Baseline:
         """Full-model answer and latency; latency re-measured if the load moved."""
@@ -217,12 +196,8 @@ class PruningEnv(gym.Env):
         return record
 
     def _observe(self) -> np.ndarray:
-        r, f = self._reading, self._features
-        assert r is not None and f is not None
-        return observation_vector(
-            r.cpu_util, r.mem_available_gb, r.mem_total_gb, r.gpu_util, r.vram_free_gb, r.vram_total_gb,
-            r.battery, f.tokens, f.ppl, self._budget_ratio,
-        )
+        assert self._reading is not None and self._features is not None
+        return build_observation(self._reading, self._features, self._budget_ratio)
 
     def _next_prompt(self, prompt: Prompt | None = None) -> None:
         self._prompt = prompt or self.prompts[int(self.np_random.integers(len(self.prompts)))]
@@ -255,15 +230,13 @@ class PruningEnv(gym.Env):
         ids = self._encode(prompt)
         answer = base.answer_ids
         full_seq = torch.cat([ids[0], answer]).unsqueeze(0)
-        try:
-            switch_start = self.clock()
-            self.bank.activate(name)
-            switch_s = self.clock() - switch_start
-            latency, ttft, output = self._timed_generate(ids)
+        n = self.config.max_new_tokens
+        routed = self.router.run(self.router.fixed_decision(name, ids, n), ids, n, ignore_eos=True)  # switch, generate, restore
+        switch_s, latency, ttft = routed.switch_s, routed.output.generation_s, routed.output.ttft_s
+        output = torch.tensor(routed.output.token_ids, dtype=ids.dtype, device=ids.device)
+        with self.bank.using(name):
             tf_ppl = teacher_forced_ppl(self.model, ids, answer) if name != FULL else base.tf_ppl
             cand_logits = next_token_logits(self.model, full_seq)
-        finally:
-            self.bank.activate(FULL)
         full_logits = next_token_logits(self.model, full_seq)
         kl = mean_kl(full_logits[ids.shape[1] - 1 : -1], cand_logits[ids.shape[1] - 1 : -1])
         overhead = features.analysis_s + switch_s if self.config.count_router_overhead else 0.0

@@ -34,10 +34,15 @@ metric_list:
 """
 
 
+def multiple_choice_yaml(name: str, data: Path) -> str:
+    """An lm-eval task YAML for a JSONL of ``{question, choices, answer}`` records (absolute path)."""
+    return _YAML.format(name=name, data=Path(data).resolve())
+
+
 def write_local_task(directory: Path) -> Path:
-    data = Path(str(resources.files("casrap.data").joinpath("casrap_local.jsonl"))).resolve()
+    data = Path(str(resources.files("casrap.data").joinpath("casrap_local.jsonl")))
     path = directory / f"{LOCAL_TASK}.yaml"
-    path.write_text(_YAML.format(name=LOCAL_TASK, data=data))
+    path.write_text(multiple_choice_yaml(LOCAL_TASK, data))
     return path
 
 

@@ -145,6 +145,12 @@ def default_bundle_path() -> Path:
     return Path(str(resources.files("casrap.data").joinpath("bundles", "smollm2-135m")))
 
 
+def bundle_dir_for(checkpoint: Path) -> Path:
+    """Where ``casrap train`` writes the bundle of a policy zip: ``NAME.bundle`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".bundle")
+
+
 def resolve_bundle(source: str | Path | None) -> Path:
     if source is None or str(source) == DEFAULT_BUNDLE:
         return default_bundle_path()

@@ -88,13 +88,19 @@ class Routed:
 
 
 class Router:
-    """Decides and runs one request at a time on a :class:`ProfileBank` (callers hold the lock)."""
+    """Decides and runs one request at a time on a :class:`ProfileBank` (callers hold the lock).
+
+    ``casrap/Pruning-v0`` holds one with no policy (the agent acting on the env is the
+    policy): it analyses prompts with :attr:`analyzer`, builds observations with
+    :func:`build_observation` and times the chosen profile's generation with
+    :meth:`run`, so training measures exactly the path that serves.
+    """
 
     def __init__(
         self,
         bank: Any,
         tokenizer: Any,
-        policy: Policy,
+        policy: Policy | None,
         defaults: RuntimeDefaults | None = None,
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -131,6 +137,8 @@ class Router:
         waited_s: float = 0.0,
     ) -> Decision:
         """Observe, ask the policy; the full model must be active (prompt analysis runs it)."""
+        if self.policy is None:
+            raise RuntimeError("this router has no policy (an environment's router): the agent decides")
         clock = self.clock
         t0 = clock()
         reading = self.telemetry.read()
