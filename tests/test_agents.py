@@ -103,3 +103,53 @@ def test_paired_gain_over_best_static_is_zero_for_that_static_action():
     none = compare_policies(env, StaticPolicy(0), budgets_per_context=2, seed=1)
     assert none.gain_over_best_static < 0
     assert "rewards" not in none.to_dict()["scores"][0]
+
+
+def test_linucb_learns_a_context_dependent_choice():
+    """Two actions, reward depends on the first feature: LinUCB must pick differently per context."""
+    import gymnasium as gym
+
+    from casrap.agents.bandit import LinUCBPolicy, train_linucb
+
+    class TwoArms(gym.Env):
+        observation_space = gym.spaces.Box(0.0, 1.0, (2,), dtype=np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.obs = self.np_random.uniform(0, 1, 2).astype(np.float32)
+            return self.obs, {}
+
+        def step(self, action):
+            good = int(self.obs[0] > 0.5)
+            return self.obs, float(action == good) + self.np_random.normal(0, 0.1), True, False, {}
+
+    policy = train_linucb(TwoArms(), steps=400, seed=0)
+    assert policy.predict(np.array([0.9, 0.5]))[0] == 1 and policy.predict(np.array([0.1, 0.5]))[0] == 0
+    fresh = LinUCBPolicy(2, 2)
+    mean, width = fresh.estimates(np.zeros(2))
+    assert np.allclose(mean, 0) and (width > 0).all()
+
+
+def test_gain_ci_resamples_prompts_not_decisions():
+    from casrap.agents.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.normal(0, 1, 10)
+    values = np.repeat(prompt_effect, 50) + rng.normal(0, 0.01, 500)  # 10 prompts x 50 near-identical decisions
+    groups = np.repeat(np.arange(10), 50)
+    lo, hi = bootstrap_ci(values, groups)
+    naive = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert lo < values.mean() < hi
+    assert (hi - lo) / 2 > 3 * naive  # ten prompts are not five hundred independent decisions
+
+
+def test_test_command_reports_prompt_bootstrap_and_linucb(tmp_path):
+    from test_cli import run
+
+    run(["train", "--replay", "bundled", "--reward", "slo", "--episodes", "60", "--checkpoint", "ck/p.zip", "--quiet"], tmp_path)
+    out = json.loads(run(["test", "--replay", "bundled", "--checkpoint", "ck/p.zip", "--bandit-steps", "200", "--json"], tmp_path).stdout)
+    lo, hi = out["gain_ci95"]
+    assert lo <= out["gain_over_best_static"] <= hi and out["n_prompts"] >= 5
+    assert "linucb" in {s["name"] for s in out["scores"]}
+    assert set(out["by_load"]) and all(len(row["gain_ci95"]) == 2 for row in out["by_load"].values())

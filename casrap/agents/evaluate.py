@@ -4,6 +4,13 @@ All policies face the same contexts (prompt x load) and the same latency budgets
 (drawn with a fixed seed), scored from the same measurements, so differences come
 from the decisions alone. The oracle picks, per context and budget, the action with
 the best measured reward: an upper bound no deployable policy reaches.
+
+Confidence intervals of the paired gain are bootstrapped over *prompts*, not decisions:
+the decisions of one prompt (its load levels and budgets) are not independent, so
+resampling them one by one would make a handful of prompts look like hundreds.
+``gain_ci95`` is a ``[lo, hi]`` pair (2.5th and 97.5th percentiles of 2,000 resamples),
+overall and per load level; the per-decision normal half-width is kept as
+``reward_ci95`` for each policy's mean reward only.
 """
 
 from __future__ import annotations
@@ -42,12 +49,16 @@ class Comparison:
     best_static: str
     captured_share: float | None  # (policy - best static) / (oracle - best static)
     gain_over_best_static: float | None = None  # paired mean of policy - best static, per decision
-    gain_ci95: float | None = None
+    gain_ci95: list[float] | None = None  # [lo, hi], bootstrap over prompts
+    n_prompts: int = 0
+    by_load: dict[str, dict[str, Any]] = field(default_factory=dict)  # the same figures within each load level
 
     def to_dict(self) -> dict[str, Any]:
         scores = [{k: v for k, v in asdict(s).items() if k != "rewards"} for s in self.scores]
-        return {"n": self.n, "reward": self.reward, "best_static": self.best_static, "captured_share": self.captured_share,
-                "gain_over_best_static": self.gain_over_best_static, "gain_ci95": self.gain_ci95, "scores": scores}
+        return {"n": self.n, "n_prompts": self.n_prompts, "reward": self.reward, "best_static": self.best_static,
+                "captured_share": self.captured_share, "gain_over_best_static": self.gain_over_best_static,
+                "gain_ci95": self.gain_ci95, "gain_ci95_kind": "[lo, hi], bootstrap over prompts", "by_load": self.by_load,
+                "scores": scores}
 
     def markdown(self) -> str:
         lines = [f"Comparison on {self.n} held-out decisions, reward `{self.reward}` (mean ± 95% CI):", "",
@@ -57,17 +68,46 @@ class Comparison:
             met = f"{100 * s.budget_met:.0f}%" if s.budget_met is not None else "-"
             lines.append(f"| {s.name} | {s.mean_reward:.4f} ± {s.reward_ci95:.4f} | {100 * s.mean_speedup:.1f}% | "
                          f"{100 * s.mean_degradation:.1f}% | {s.mean_kl:.3f} | {met} | {top} |")
-        if self.gain_over_best_static is not None:
+        if self.gain_over_best_static is not None and self.gain_ci95 is not None:
+            lo, hi = self.gain_ci95
             lines += ["", f"Best static action: `{self.best_static}`. Policy minus it, paired over the same decisions: "
-                          f"{self.gain_over_best_static:+.4f} ± {self.gain_ci95:.4f} (95% CI)."]
+                          f"{self.gain_over_best_static:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}] (bootstrap over {self.n_prompts} prompts)."]
         if self.captured_share is not None:
             lines += [f"The policy captures {100 * self.captured_share:.0f}% of the oracle's gain over the best static action."]
+        for load, row in self.by_load.items():
+            lo, hi = row["gain_ci95"]
+            share = f", captures {100 * row['captured_share']:.0f}% of the oracle's gain" if row["captured_share"] is not None else ""
+            lines.append(f"- load {load}: best static `{row['best_static']}`, gain {row['gain_over_best_static']:+.4f} "
+                         f"[{lo:+.4f}, {hi:+.4f}] over {row['n_prompts']} prompts{share}")
         return "\n".join(lines)
 
 
 def _ci95(values: np.ndarray) -> float:
     """Half-width of the normal 95% interval of the mean (nan for fewer than two values)."""
     return float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def bootstrap_ci(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of the mean of ``values`` when whole ``groups`` (prompts) are resampled."""
+    labels, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=len(labels))
+    counts = np.bincount(inverse, minlength=len(labels)).astype(float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def _paired(policy: PolicyScore, statics: list[PolicyScore], oracle: PolicyScore, keep: np.ndarray,
+            prompts: np.ndarray, seed: int) -> dict[str, Any]:
+    """Gain of the policy over the best static action among the decisions in ``keep``."""
+    mean = {s.name: float(np.asarray(s.rewards)[keep].mean()) for s in [policy, oracle, *statics]}
+    best = max(statics, key=lambda s: mean[s.name])
+    diff = np.asarray(policy.rewards)[keep] - np.asarray(best.rewards)[keep]
+    gap = mean[oracle.name] - mean[best.name]
+    return {"n": int(keep.sum()), "n_prompts": int(len(np.unique(prompts[keep]))), "best_static": best.name,
+            "gain_over_best_static": float(diff.mean()), "gain_ci95": bootstrap_ci(diff, prompts[keep], seed=seed),
+            "captured_share": (mean[policy.name] - mean[best.name]) / gap if gap > 0 else None}
 
 
 def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]], choose: Any) -> PolicyScore:
@@ -91,8 +131,14 @@ def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]],
 
 
 def compare_policies(
-    env: PruningReplayEnv, policy: Policy | None, budgets_per_context: int = 5, seed: int = 0, policy_name: str = "policy"
+    env: PruningReplayEnv,
+    policy: Policy | None,
+    budgets_per_context: int = 5,
+    seed: int = 0,
+    policy_name: str = "policy",
+    baselines: dict[str, Policy] | None = None,
 ) -> Comparison:
+    """Score ``policy``, any learned ``baselines`` (e.g. LinUCB), every static action, random and the oracle."""
     rng = np.random.default_rng(seed)
     lo, hi = env.reward_config.budget_range
     draws = budgets_per_context if env.reward_config.kind == "slo" else 1
@@ -101,6 +147,8 @@ def compare_policies(
     scores = []
     if policy is not None:
         scores.append(_score(policy_name, env, decisions, lambda obs, e: policy.predict(obs, deterministic=True)[0]))
+    for name, other in (baselines or {}).items():
+        scores.append(_score(name, env, decisions, lambda obs, e, p=other: p.predict(obs, deterministic=True)[0]))
     statics = []
     for a, name in enumerate(env.action_names):
         static = StaticPolicy(a)
@@ -115,10 +163,16 @@ def compare_policies(
     oracle_score = _score("oracle (hindsight)", env, decisions, oracle)
     scores.append(oracle_score)
     best = max(statics, key=lambda s: s.mean_reward)
-    share = gain = gain_ci = None
+    ids = [env.table.context_ids[c] for c, _ in decisions]
+    prompts = np.array([i.rsplit("@", 1)[0] for i in ids])
+    loads = np.array([i.rsplit("@", 1)[-1] for i in ids])
+    comparison = Comparison(len(decisions), env.reward_config.kind, scores, best.name, None, n_prompts=len(np.unique(prompts)))
     if policy is not None:
-        diff = np.array(scores[0].rewards) - np.array(best.rewards)
-        gain, gain_ci = float(diff.mean()), _ci95(diff)
-        if oracle_score.mean_reward > best.mean_reward:
-            share = (scores[0].mean_reward - best.mean_reward) / (oracle_score.mean_reward - best.mean_reward)
-    return Comparison(len(decisions), env.reward_config.kind, scores, best.name, share, gain, gain_ci)
+        overall = _paired(scores[0], statics, oracle_score, np.ones(len(decisions), dtype=bool), prompts, seed)
+        comparison.gain_over_best_static = overall["gain_over_best_static"]
+        comparison.gain_ci95 = overall["gain_ci95"]
+        comparison.captured_share = overall["captured_share"]
+        if len(np.unique(loads)) > 1:
+            comparison.by_load = {load: _paired(scores[0], statics, oracle_score, loads == load, prompts, seed)
+                                  for load in sorted(np.unique(loads), key=float)}
+    return comparison

@@ -220,6 +220,7 @@ def test(
     reward: Optional[str] = typer.Option(None, "--reward", help="reward (default: the one trained with)"),
     slo_lambda: Optional[float] = typer.Option(None, "--slo-lambda", help="default: the one trained with"),
     budgets_per_context: int = typer.Option(20, help="latency budgets drawn per context (slo reward)"),
+    bandit_steps: int = typer.Option(3000, help="replay: decisions LinUCB learns from on the train split, as a contextual-bandit baseline (0: none)"),
     wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
     lm_eval_include: Optional[list[Path]] = typer.Option(None, "--lm-eval-include", help="folder of your own lm-eval task YAMLs (repeatable)"),
@@ -256,7 +257,12 @@ def test(
             path = write_replay(run_dir / "measurements.jsonl", replay_header(live, model), records)
         env = PruningReplayEnv(table=load_replay(path), split="test", reward=reward_cfg)
     policy = load_policy(checkpoint, env)
-    comparison = compare_policies(env, policy, budgets_per_context=budgets_per_context, seed=seed)
+    baselines = {}
+    if replay and bandit_steps:
+        from casrap.agents.bandit import train_linucb
+
+        baselines["linucb"] = train_linucb(PruningReplayEnv(replay, split="train", reward=reward_cfg), bandit_steps, seed=seed)
+    comparison = compare_policies(env, policy, budgets_per_context=budgets_per_context, seed=seed, baselines=baselines)
     # per-decision records of the policy, for the plots
     rng_env = PruningReplayEnv(table=env.table, reward=reward_cfg, split="all")
     rng_env.reset(seed=seed)
