@@ -143,8 +143,9 @@ def test_rank_plans_are_validated(tiny):
         build_plan("lowrank-25", None, info)
 
 
-def test_ranks_search_repair_and_plans(basis):
+def test_ranks_search_repair_and_plans(tiny, basis):
     from casrap.search import ranks
+    from casrap.search.fitness import plan_sparsity
 
     keys = ranks.genome_keys(basis)
     weights = ranks.gene_weights(basis, keys)
@@ -156,6 +157,8 @@ def test_ranks_search_repair_and_plans(basis):
         assert abs(lowrank.removed_fraction(plan.ranks, basis.shapes) - 0.3) < 0.03
     greedy = lowrank.allocate_ranks(basis, 0.25)
     assert ranks.genome_plan(ranks.plan_rates(greedy, keys, basis), keys, basis).ranks == greedy  # seeds round-trip
+    # the search report's layer-parameter sparsity counts factor pairs (norms are the only other layer weights)
+    assert abs(plan_sparsity(PruningPlan(name="g", ranks=greedy), describe(tiny.model)) - 0.25) < 0.01
     calls = []
 
     def ppl_at(fraction: float) -> float:

@@ -85,7 +85,8 @@ class ProfileBank:
         # by build_bank (which can fit it, having a tokenizer). Not needed after building.
         self.lowrank_basis: LowRankBasis | None = None
 
-    def _basis(self) -> LowRankBasis:
+    def require_lowrank_basis(self) -> LowRankBasis:
+        """The PCA basis rank plans build from: the one set, else the cached one (one-line error if none)."""
         if self.lowrank_basis is None:
             self.lowrank_basis = load_or_fit_basis(self.model, key=self.fingerprint)
         return self.lowrank_basis
@@ -121,7 +122,7 @@ class ProfileBank:
                 if i in plan.ffn:
                     layer.mlp = build_mlp(original.mlp, plan.ffn[i], plan.functional)
                 if i in plan.ranks:
-                    factorise_layer(layer, original, plan.ranks[i], self._basis(), i)
+                    factorise_layer(layer, original, plan.ranks[i], self.require_lowrank_basis(), i)
                 built.append(layer)
             layers = nn.ModuleList(built)
         profile = Profile(plan, layers, time.perf_counter() - start)

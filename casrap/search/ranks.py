@@ -106,7 +106,7 @@ def run_ranks(
     validation to pick, test to report); ``search_ppl()`` scores the *active* profile on
     the search split (GA fitness, inside :class:`ga.MemoEvaluator`).
     """
-    basis = bank._basis()
+    basis = bank.require_lowrank_basis()
     basis.precompute_projections(bank.model)
     keys = genome_keys(basis)
     weights = gene_weights(basis, keys)
