@@ -92,10 +92,26 @@ def importance_for(lm: Any, weight_norm: bool = False) -> Any:
     return importance
 
 
+def announce_lowrank_fit(lm: Any, names: list[str]) -> None:
+    """One visible line before a low-rank basis is fitted (minutes on 2 CPU cores, once per model)."""
+    from casrap.models.architecture import model_key
+    from casrap.profiles.catalogue import parse_spec
+    from casrap.profiles.factory import is_plan_file
+    from casrap.pruners.lowrank import default_basis_path
+
+    if not any(not is_plan_file(n) and n != "none" and parse_spec(n)[0] == "lowrank" for n in names):
+        return
+    path = default_basis_path(model_key(lm.model))
+    if not path.is_file():
+        console.print(f"no low-rank basis for this model yet: fitting it on the calibration text (once; minutes on a CPU; cached at {path})")
+
+
 def build_profiles(lm: Any, names: list[str], model: str, structural: bool | None = None, weight_norm: bool = False) -> Any:
     """A ProfileBank for ``names`` on a loaded model, calibrating on first use."""
+    from casrap.profiles.catalogue import parse_spec
     from casrap.profiles.factory import build_bank, is_plan_file
 
-    needs_importance = any(n != "none" and not is_plan_file(n) for n in names)
+    needs_importance = any(n != "none" and not is_plan_file(n) and parse_spec(n)[0] != "lowrank" for n in names)
     importance = importance_for(lm, weight_norm) if needs_importance else None
+    announce_lowrank_fit(lm, names)
     return build_bank(lm.model, names, base_model=model, importance=importance, structural=structural, tokenizer=lm.tokenizer)
