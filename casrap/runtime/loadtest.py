@@ -201,8 +201,8 @@ def verdict(result: LoadTestResult) -> list[str]:
     full = result.row("none") if any(r.name == "none" for r in result.rows) else None
     notes = []
     if full is not None:
-        better = "more" if policy.targets_met > full.targets_met else ("as many" if policy.targets_met == full.targets_met else "fewer")
-        notes.append(f"policy met {policy.targets_met}/{policy.n} targets, {better} than the full model ({full.targets_met}/{full.n}).")
+        better = "more than" if policy.targets_met > full.targets_met else ("as many as" if policy.targets_met == full.targets_met else "fewer than")
+        notes.append(f"policy met {policy.targets_met}/{policy.n} targets, {better} the full model ({full.targets_met}/{full.n}).")
     rivals = [r for r in result.rows if r.name not in (POLICY, "none") and r.targets_met >= policy.targets_met]
     if rivals:
         worse = [r for r in rivals if r.mean_kl <= policy.mean_kl]
