@@ -231,7 +231,9 @@ def test_loadtest_in_process_compares_policy_full_and_statics(tiny):
     from casrap.runtime.loadtest import POLICY, LoadTestConfig, run_loadtest
 
     adaptive, _ = _adaptive(tiny)
-    result = run_loadtest(adaptive, LoadTestConfig(prompts=2, max_new_tokens=3, background_load=0.0))
+    streamed = []
+    result = run_loadtest(adaptive, LoadTestConfig(prompts=2, max_new_tokens=3, background_load=0.0), on_request=streamed.append)
+    assert streamed == result.requests  # each request reaches the caller as it is measured
     assert [r.name for r in result.rows] == [POLICY, *TINY_PROFILES]
     assert all(r.n == 2 for r in result.rows)
     assert result.row("none").mean_kl == 0.0

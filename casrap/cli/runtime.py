@@ -95,6 +95,7 @@ def loadtest(
     static: Optional[list[str]] = typer.Option(None, "--static", help="static profiles to compare (default: every bundle profile)"),
     seed: int = typer.Option(0),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of targets met vs quality loss"),
+    reports: Path = typer.Option(Path("reports"), help="parent of the numbered run folder holding requests.jsonl"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Policy vs full model vs static profiles on held-out prompts under background load."""
@@ -102,10 +103,15 @@ def loadtest(
 
     config = LoadTestConfig(prompts=prompts, max_new_tokens=max_new_tokens, budget_range=(budget_low, budget_high),
                             background_load=background_load, load_workers=load_workers, static=list(static or []), seed=seed, url=url)
+    from casrap.reports import append_jsonl, new_run_dir
+
     lm = _adaptive(bundle, model, device)
+    run_dir = new_run_dir(reports, "loadtest")
+    console.print(f"every request is appended to {run_dir / 'requests.jsonl'} as it finishes")
     with progress_bar() as bar:
         task = bar.add_task("load test (prompts)", total=prompts)
-        result = run_loadtest(lm, config, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        result = run_loadtest(lm, config, progress=lambda i, n: bar.update(task, completed=i, total=n),
+                              on_request=lambda record: append_jsonl(run_dir / "requests.jsonl", record))
     if plot:
         from casrap.runtime.loadtest import plot_result
 

@@ -141,8 +141,17 @@ def _kl_per_profile(lm: AdaptiveLM, prompt: str, answer: list[int], profiles: li
     return kls
 
 
-def run_loadtest(lm: AdaptiveLM, config: LoadTestConfig, progress: Callable[[int, int], None] | None = None) -> LoadTestResult:
-    """Run the protocol in the module docstring; returns per-runner rows and every request."""
+def run_loadtest(
+    lm: AdaptiveLM,
+    config: LoadTestConfig,
+    progress: Callable[[int, int], None] | None = None,
+    on_request: Callable[[dict[str, Any]], None] | None = None,
+) -> LoadTestResult:
+    """Run the protocol in the module docstring; returns per-runner rows and every request.
+
+    ``on_request`` sees each request's record as soon as it is measured (the CLI appends
+    it to ``requests.jsonl``), so an interrupted run keeps what it measured.
+    """
     from casrap.data.prompts import load_prompts
     from casrap.telemetry.load import BackgroundLoad
 
@@ -175,6 +184,8 @@ def run_loadtest(lm: AdaptiveLM, config: LoadTestConfig, progress: Callable[[int
                     **{k: rec[k] for k in ("telemetry_s", "analysis_s", "policy_s", "switch_s", "completion_tokens")},
                     "reference_latency_s": reference["latency_s"],
                 })
+                if on_request:
+                    on_request(requests[-1])
             if progress:
                 progress(i + 1, len(chosen))
     finally:
