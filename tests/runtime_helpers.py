@@ -56,3 +56,28 @@ def make_tiny_bundle(lm: Any, out: Path, profiles: tuple[str, ...] = TINY_PROFIL
     policy.save(str(zip_path))
     write_bundle(out, zip_path, bank, model_spec="tiny-random-llama", reward={"kind": "slo"}, training={"note": "untrained, for tests"})
     return out, bank
+
+
+class ConcurrencyProbe:
+    """Wraps ``router.run`` to record the most runs ever in flight at once (1 = serialised)."""
+
+    def __init__(self, router: Any) -> None:
+        import threading
+
+        self.router, self.original = router, router.run
+        self.active = self.peak = 0
+        self._guard = threading.Lock()
+        router.run = self._run
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        with self._guard:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            with self._guard:
+                self.active -= 1
+
+    def restore(self) -> None:
+        self.router.run = self.original

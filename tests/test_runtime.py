@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from runtime_helpers import TINY_PROFILES, BudgetPolicy, make_tiny_bundle, tiny_bank
+from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, make_tiny_bundle, tiny_bank
 
 from casrap.errors import CheckpointError, InputError
 from casrap.runtime.adaptive import AdaptiveLM
@@ -156,28 +156,14 @@ def test_stream_yields_the_same_text_as_plain(tiny):
 
 def test_one_request_at_a_time_on_the_bank(tiny):
     adaptive, _ = _adaptive(tiny)
-    router = adaptive.router
-    active, peak, guard = [0], [0], threading.Lock()
-    run = router.run
-
-    def counting_run(*args, **kwargs):
-        with guard:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        try:
-            return run(*args, **kwargs)
-        finally:
-            with guard:
-                active[0] -= 1
-
-    router.run = counting_run
+    probe = ConcurrencyProbe(adaptive.router)
     results = []
     threads = [threading.Thread(target=lambda: results.append(adaptive.generate(PROMPT, max_new_tokens=4))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 3 and peak[0] == 1
+    assert len(results) == 3 and probe.peak == 1
     assert adaptive.queue_length == 0
 
 

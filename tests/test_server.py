@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from runtime_helpers import TINY_PROFILES, BudgetPolicy, tiny_bank
+from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, tiny_bank
 
 from casrap.runtime.adaptive import AdaptiveLM
 from casrap.runtime.bundle import RuntimeDefaults
@@ -129,20 +129,7 @@ def test_models_health_and_metrics(server, client):
 
 def test_concurrent_requests_queue_on_the_bank(server, client):
     url, adaptive = server
-    router = adaptive.router
-    run, active, peak, guard = router.run, [0], [0], threading.Lock()
-
-    def counting_run(*args, **kwargs):
-        with guard:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        try:
-            return run(*args, **kwargs)
-        finally:
-            with guard:
-                active[0] -= 1
-
-    router.run = counting_run
+    probe = ConcurrencyProbe(adaptive.router)
     results: list = []
 
     def ask() -> None:
@@ -156,8 +143,8 @@ def test_concurrent_requests_queue_on_the_bank(server, client):
         for t in threads:
             t.join()
     finally:
-        router.run = run
-    assert len(results) == 3 and peak[0] == 1
+        probe.restore()
+    assert len(results) == 3 and probe.peak == 1
     metrics = httpx.get(f"{url}/metrics").text
     assert "casrap_queue_wait_seconds_count" in metrics
 

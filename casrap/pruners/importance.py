@@ -98,6 +98,36 @@ def weight_norm_importance(model: Any) -> Importance:
 
 
 @torch.inference_mode()
+def forward_over_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    handles: list[Any],
+    max_tokens: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run the full model over each text (truncated to ``max_tokens``) so that the forward
+    hooks behind ``handles`` see its activations; remove the hooks however it ends.
+
+    Returns the number of tokens seen. Shared by every calibration statistic (importance
+    here, PCA bases in :mod:`casrap.pruners.lowrank`).
+    """
+    device = next(model.parameters()).device
+    tokens = 0
+    try:
+        for step, text in enumerate(texts):
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids.to(device)
+            model(ids, use_cache=False)
+            tokens += ids.numel()
+            if progress:
+                progress(step + 1, len(texts))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens
+
+
+@torch.inference_mode()
 def calibrate(
     model: Any,
     tokenizer: Any,
@@ -115,7 +145,6 @@ def calibrate(
     head_sum = [torch.zeros(layer.self_attn.o_proj.in_features // d) for layer in layers]
     ffn_sq = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
     influence = torch.zeros(n)
-    token_count = 0
     layer_inputs: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -149,17 +178,7 @@ def calibrate(
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(ffn_hook(i)))
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for step, text in enumerate(texts):
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids.to(device)
-            model(ids, use_cache=False)
-            token_count += ids.numel()
-            if progress:
-                progress(step + 1, len(texts))
-    finally:
-        for handle in handles:
-            handle.remove()
+    token_count = forward_over_texts(model, tokenizer, texts, handles, max_tokens, progress)
     heads = torch.stack(head_sum) / token_count
     ffn = torch.stack([
         (sq / token_count).sqrt() * layer.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()

@@ -48,6 +48,7 @@ from torch import nn
 from casrap.errors import CheckpointError
 from casrap.models.architecture import decoder_layers, model_key
 from casrap.paths import casrap_home
+from casrap.pruners.importance import forward_over_texts
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +258,7 @@ def fit_basis(
             widths[(i, name)] = linear.in_features
             firsts[(i, name)] = []
             handles.append(linear.register_forward_hook(hook((i, name))))
-    device = next(model.parameters()).device
-    tokens = 0
-    try:
-        for step, text in enumerate(texts):
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids.to(device)
-            model(ids, use_cache=False)
-            tokens += ids.numel()
-            if progress:
-                progress(step + 1, len(texts))
-    finally:
-        for handle in handles:
-            handle.remove()
+    tokens = forward_over_texts(model, tokenizer, texts, handles, max_tokens, progress)
     matrices = {}
     for key in list(second):
         rest = second.pop(key).double().cpu()
