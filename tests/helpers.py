@@ -33,3 +33,22 @@ def tiny_env(lm: Any, profiles=("none", "heads-25", "layers-25", "ffn-25"), rewa
     prompts = kwargs.pop("prompts", None) or load_prompts(None, split="train")[:12]
     config = EnvConfig(max_new_tokens=tokens, reward=RewardConfig(kind=reward), **kwargs)
     return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, telemetry=FakeTelemetry(0), clock=StepClock(lm.model), prompts=prompts)
+
+
+def assert_full_model_restored(bank: Any, model: Any, ids: Any, before: Any, state: dict[str, Any], rounds: int) -> None:
+    """Cycle through every profile ``rounds`` times, switch back to the full model, and
+    check its logits on ``ids`` and every tensor of its state dict are bitwise unchanged."""
+    import torch
+
+    def logits() -> Any:
+        with torch.inference_mode():
+            return model(ids, use_cache=False).logits
+
+    for _ in range(rounds):
+        for name in bank.names:
+            bank.activate(name)
+            logits()
+    bank.activate("none")
+    assert torch.equal(logits(), before)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

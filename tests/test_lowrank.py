@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers import assert_full_model_restored
 from torch import nn
 
 from casrap.errors import CheckpointError
@@ -111,14 +112,7 @@ def test_lowrank_profile_runs_saves_and_switches_back_bitwise(tiny, casrap_home,
                 seq = torch.cat([seq, tiny.model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
         assert torch.equal(cached, seq)
     assert not torch.allclose(pruned, before)
-    for _ in range(5):
-        for name in bank.names:
-            bank.activate(name)
-            _logits(tiny.model)
-    bank.activate(FULL)
-    assert torch.equal(_logits(tiny.model), before)
-    for key, value in tiny.model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_full_model_restored(bank, tiny.model, IDS, before, state, rounds=5)
     # the plan replays from JSON in a fresh bank, taking the basis from the cache
     path = plan.save(tmp_path / "lowrank-25.json")
     loaded = PruningPlan.load(path)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_full_model_restored
 
 from casrap.errors import CheckpointError, InputError
 from casrap.models import describe
@@ -103,14 +104,7 @@ def test_full_model_restored_bitwise_after_many_switches(tiny):
     before = _logits(tiny.model).clone()
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     bank = _bank(tiny, ["heads-50", "kvheads-50", "ffn-25", "layers-25", "layers-50"])
-    for _ in range(25):
-        for name in bank.names:
-            bank.activate(name)
-            _logits(tiny.model)
-    bank.activate(FULL)
-    assert torch.equal(_logits(tiny.model), before)
-    for key, value in tiny.model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_full_model_restored(bank, tiny.model, IDS, before, state, rounds=25)
     assert tiny.model.config.num_hidden_layers == 4
 
 
