@@ -12,7 +12,7 @@ from torch import nn
 
 from casrap.errors import CheckpointError
 from casrap.models import describe
-from casrap.profiles import FULL, ProfileBank, PruningPlan, build_plan
+from casrap.profiles import ProfileBank, PruningPlan, build_plan
 from casrap.profiles.export import export_blocker
 from casrap.profiles.factory import build_bank
 from casrap.pruners import lowrank
