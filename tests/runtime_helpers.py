@@ -7,6 +7,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+from casrap.envs.observation import OBSERVATION_FEATURES
 from gymnasium import spaces
 
 TINY_PROFILES = ("none", "layers-25", "ffn-25")
@@ -17,26 +19,26 @@ class SpacesEnv(gym.Env):
 
     def __init__(self, actions: int) -> None:
         self.action_space = spaces.Discrete(actions)
-        self.observation_space = spaces.Box(0.0, 1.0, shape=(8,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
 
     def reset(self, *, seed: int | None = None, options: Any = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        return np.zeros(8, dtype=np.float32), {}
+        return np.zeros(len(OBSERVATION_FEATURES), dtype=np.float32), {}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        return np.zeros(8, dtype=np.float32), 0.0, True, False, {}
+        return np.zeros(len(OBSERVATION_FEATURES), dtype=np.float32), 0.0, True, False, {}
 
 
 class BudgetPolicy:
     """Full model when the budget feature is ample, the last (fastest) action when it is tight."""
 
-    def __init__(self, actions: int, threshold: float = 0.5) -> None:
+    def __init__(self, actions: int, threshold: float = 0.25) -> None:  # target feature = ratio / 4: ratio >= 1
         self.actions, self.threshold = actions, threshold
         self.seen: list[np.ndarray] = []
 
     def predict(self, obs: Any, deterministic: bool = True) -> tuple[int, None]:
         self.seen.append(np.asarray(obs))
-        return (0 if float(obs[7]) >= self.threshold else self.actions - 1), None
+        return (0 if float(obs[-1]) >= self.threshold else self.actions - 1), None
 
 
 def tiny_bank(lm: Any, profiles: tuple[str, ...] = TINY_PROFILES) -> Any:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import casrap
+from casrap.envs.observation import OBSERVATION_FEATURES
 from casrap.errors import CasrapError, CheckpointError, InputError, UnsupportedModelError
 
 PACKAGE = pathlib.Path(casrap.__file__).parent
@@ -159,7 +160,7 @@ def test_gym_make_takes_flat_keywords(tiny):
     assert config.max_new_tokens == 8 and config.reward.kind == "slo" and config.reward.slo_lambda == 3.0
     obs, _ = env.reset(seed=0)
     _, _, terminated, _, info = env.step(1)
-    assert terminated and info["profile"] == "layers-25" and len(obs) == 8
+    assert terminated and info["profile"] == "layers-25" and len(obs) == len(OBSERVATION_FEATURES)
     with pytest.raises(TypeError, match="max_new_token"):
         gym.make("casrap/Pruning-v0", bank=bank, tokenizer=tiny.tokenizer, max_new_token=8)
     replay = gym.make("casrap/PruningReplay-v0", reward="slo", slo_lambda=2.5, split="test")

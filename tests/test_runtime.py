@@ -13,6 +13,7 @@ from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, make_
 from casrap.errors import CheckpointError, InputError
 from casrap.runtime.adaptive import AdaptiveLM
 from casrap.runtime.bundle import RuntimeDefaults, load_bundle
+from casrap.measure.latency_model import LatencyFit, UnloadedLatencyModel
 from casrap.runtime.latency import LatencyModel
 from casrap.runtime.router import Router
 from casrap.telemetry import FakeTelemetry
@@ -71,7 +72,7 @@ def test_bundle_refuses_other_observation_spec_and_tampered_plans(bundle_dir):
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="observation spec"):
         load_bundle(bundle_dir)
-    manifest["observation"]["features"].append("latency_budget")
+    manifest["observation"]["features"].append("latency_target")
     manifest["actions"] = list(reversed(manifest["actions"]))
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="differ from actions"):
@@ -87,8 +88,9 @@ def test_missing_bundle_is_one_line(tmp_path):
 def test_budget_feature_follows_target_queue_and_wait(tiny):
     adaptive, _ = _adaptive(tiny)
     router = adaptive.router
-    router.latency = LatencyModel(prefill_s=0.0, decode_s=0.1)
-    ample = router.decide(PROMPT, 10, 10, target_s=2.0)  # estimate 1.0 s: ratio 2
+    router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))  # 10 new tokens predicted at 1.0 s unloaded
+    router.telemetry = FakeTelemetry(5)  # whatever the load reads, the target is normalised by the *unloaded* prediction
+    ample = router.decide(PROMPT, 10, 10, target_s=2.0)  # ratio 2
     assert ample.budget_ratio == pytest.approx(2.0) and ample.profile == "none"
     tight = router.decide(PROMPT, 10, 10, target_s=0.5)
     assert tight.budget_ratio == pytest.approx(0.5) and tight.profile == TINY_PROFILES[-1]
@@ -96,7 +98,7 @@ def test_budget_feature_follows_target_queue_and_wait(tiny):
     assert queued.budget_ratio == pytest.approx(1.5 / 2.0)  # (2.0 - 0.5) / (1 + 0.5 * 2) / 1.0
     default = router.decide(PROMPT, 10, 10)
     assert default.budget_ratio == router.defaults.budget_ratio
-    assert default.observation[7] == pytest.approx(min(1.0, router.defaults.budget_ratio / 2))
+    assert default.observation[-1] == pytest.approx(min(1.0, router.defaults.budget_ratio / 4))
 
 
 def test_router_observation_is_the_envs(tiny):
@@ -105,13 +107,12 @@ def test_router_observation_is_the_envs(tiny):
     from casrap.envs.observation import observation_vector
 
     adaptive, policy = _adaptive(tiny)
-    adaptive.router.latency = LatencyModel(prefill_s=0.0, decode_s=0.1)
+    adaptive.router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))
     adaptive.router.telemetry = FakeTelemetry(3)
     adaptive.choose(PROMPT, max_new_tokens=10, latency_target_s=1.0)
     r = FakeTelemetry(3).read()
     f = PromptAnalyzer(tiny.model, tiny.tokenizer, max_tokens=64).analyze(PROMPT)
-    expected = observation_vector(r.cpu_util, r.mem_available_gb, r.mem_total_gb, r.gpu_util, r.vram_free_gb, r.vram_total_gb,
-                                  r.battery, f.tokens, f.ppl, 1.0)
+    expected = observation_vector(r, f.tokens, f.ppl, 1.0)
     assert policy.seen[-1].tolist() == pytest.approx(expected.tolist(), abs=1e-4)  # budget less the (tiny) queue wait
 
 
@@ -125,7 +126,7 @@ def test_latency_model_learns_full_speed_from_pruned_runs():
 # ---------------------------------------------------------------- AdaptiveLM
 def test_generate_records_profile_and_restores_full_model(tiny):
     adaptive, _ = _adaptive(tiny)
-    adaptive.router.latency = LatencyModel(prefill_s=0.0, decode_s=10.0)  # any target is tight
+    adaptive.router._unloaded = UnloadedLatencyModel(LatencyFit(10.0, 0.0, 10.0, 0.0))  # any target is tight
     result = adaptive.generate(PROMPT, max_new_tokens=5, latency_target_s=1.0)
     rec = result.record
     assert rec.profile == TINY_PROFILES[-1]

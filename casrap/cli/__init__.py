@@ -5,8 +5,10 @@ here explicitly, so ``from casrap.cli import app`` has every command:
 
 - :mod:`casrap.cli.model_commands`: info, eval, calibrate, bench, export;
 - :mod:`casrap.cli.rl`: collect, train, test, report;
+- :mod:`casrap.cli.record`: record (the replay recording at scale);
 - :mod:`casrap.cli.search`: search;
-- :mod:`casrap.cli.runtime`: generate, serve, loadtest, bundle.
+- :mod:`casrap.cli.runtime`: generate, serve, loadtest, bundle;
+- :mod:`casrap.cli.heal`: heal.
 
 Only this package prints. ``.env`` is read in :func:`main` and nowhere else; tokens
 from it are never logged.
@@ -20,12 +22,12 @@ from pathlib import Path
 
 import typer
 
-from casrap.cli import model_commands, rl, runtime, search
+from casrap.cli import heal, model_commands, record, rl, runtime, search
 from casrap.cli.common import console
 from casrap.errors import CasrapError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Context Aware Structured Runtime Adaptive Pruning.")
-for _group in (model_commands, rl, search, runtime):
+for _group in (model_commands, rl, record, search, runtime, heal):
     _group.register(app)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from casrap.envs.observation import OBSERVATION_FEATURES  # noqa: F401  (re-exported)
 from casrap.envs.rewards import RewardConfig
-from casrap.profiles.catalogue import CASRAP_V22
+from casrap.profiles.shipped import default_catalogue
 
 
 @dataclass
@@ -15,7 +16,9 @@ class EnvConfig:
     Attributes:
         model: model spec for the loader (embedded default).
         device: auto | cpu | cuda.
-        profiles: action catalogue as specs (``ffn-8``) or plan JSON files.
+        profiles: action catalogue as specs (``ffn-8``), shipped plan names
+            (``ga-rates-40``) or plan JSON files; None = CASRAP v2.2 plus the plans
+            shipped for ``model`` (:func:`casrap.profiles.shipped.default_catalogue`).
         structural: slice (True) or mask (False); None reads STRUCTURAL_PRUNING.
         prompts: prompt source (None = bundled set).
         split: which split of the prompts to draw from.
@@ -31,7 +34,7 @@ class EnvConfig:
 
     model: str = "smollm2-135m"
     device: str = "auto"
-    profiles: list[str] = field(default_factory=lambda: list(CASRAP_V22))
+    profiles: list[str] | None = None
     structural: bool | None = None
     prompts: str | None = None
     split: str = "train"
@@ -42,14 +45,7 @@ class EnvConfig:
     analysis_tokens: int = 64
     count_router_overhead: bool = True
 
+    def __post_init__(self) -> None:
+        if self.profiles is None:
+            self.profiles = default_catalogue(self.model)
 
-OBSERVATION_FEATURES = (
-    "cpu_util",
-    "mem_available",
-    "gpu_util",
-    "vram_free",
-    "battery",
-    "prompt_tokens",
-    "prompt_ppl",
-    "latency_budget",
-)

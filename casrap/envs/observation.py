@@ -1,35 +1,67 @@
-"""Normalisation shared by the live and replay environments (one definition)."""
+"""Normalisation shared by the live and replay environments and the runtime (one definition).
+
+Observation spec version 2 (issue 11): the machine is described by the load *other*
+processes put on it (not casrap's own CPU, which read ~100% whatever the load), and
+the latency target is absolute — seconds for the whole answer — shown to the policy as
+a multiple of the *predicted unloaded* full-model latency for this prompt length and
+token count (:mod:`casrap.measure.latency_model`), so no feature needs the full model
+to run on the request being decided.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
+OBSERVATION_VERSION = 2
 TOKENS_SCALE = 512.0
 PPL_SCALE = 100.0
-BUDGET_SCALE = 2.0
+TARGET_SCALE = 4.0  # target / predicted unloaded full latency: 4x and above reads 1
+RUN_QUEUE_SCALE = 2.0  # runnable tasks per core: 2 and above reads 1
+
+OBSERVATION_FEATURES = (
+    "other_cpu",
+    "run_queue",
+    "mem_available",
+    "mem_pressure",
+    "gpu_util",
+    "vram_free",
+    "battery",
+    "on_battery",
+    "prompt_tokens",
+    "prompt_ppl",
+    "latency_target",
+)
 
 
-def observation_vector(
-    cpu_util: float,
-    mem_available_gb: float,
-    mem_total_gb: float,
-    gpu_util: float,
-    vram_free_gb: float,
-    vram_total_gb: float,
-    battery: float,
-    prompt_tokens: int,
-    prompt_ppl: float,
-    budget_ratio: float,
-) -> np.ndarray:
-    """Eight features in [0, 1] (see PruningEnv's docstring for each)."""
+def _get(reading: Any, key: str, default: float = 0.0) -> float:
+    if isinstance(reading, Mapping):
+        return float(reading.get(key, default))
+    return float(getattr(reading, key, default))
+
+
+def observation_vector(reading: Any, prompt_tokens: int, prompt_ppl: float, target_ratio: float) -> np.ndarray:
+    """Eleven features in [0, 1] from a telemetry reading (object or dict) and the request.
+
+    ``target_ratio`` is the request's latency target over the predicted unloaded
+    full-model latency (``inf`` when the request has none: reads 1).
+    """
+    mem_total = _get(reading, "mem_total_gb")
+    vram_total = _get(reading, "vram_total_gb")
+    mem_available = _get(reading, "mem_available_gb")
     values = [
-        cpu_util / 100.0,
-        mem_available_gb / mem_total_gb if mem_total_gb > 0 else min(1.0, mem_available_gb / 64.0),
-        gpu_util / 100.0,
-        vram_free_gb / vram_total_gb if vram_total_gb > 0 else 0.0,
-        battery / 100.0,
+        _get(reading, "other_cpu_util") / 100.0,
+        _get(reading, "run_queue") / RUN_QUEUE_SCALE,
+        mem_available / mem_total if mem_total > 0 else min(1.0, mem_available / 64.0),
+        _get(reading, "mem_pressure") / 100.0,
+        _get(reading, "gpu_util") / 100.0,
+        _get(reading, "vram_free_gb") / vram_total if vram_total > 0 else 0.0,
+        _get(reading, "battery", 100.0) / 100.0,
+        _get(reading, "on_battery"),
         prompt_tokens / TOKENS_SCALE,
         prompt_ppl / PPL_SCALE,
-        budget_ratio / BUDGET_SCALE,
+        target_ratio / TARGET_SCALE if np.isfinite(target_ratio) else 1.0,
     ]
     return np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)

@@ -68,25 +68,32 @@ class PruningEnv(gym.Env):
     5/10%, FFN 5/8%; specs and plan files (search, healing) can be added.
 
     ## Observation Space
-    ``Box(0, 1, (8,), float32)``:
+    ``Box(0, 1, (11,), float32)`` (observation spec v2, :mod:`casrap.envs.observation`):
 
     | idx | feature | normalisation |
     |-----|---------|---------------|
-    | 0 | CPU utilisation | percent / 100 |
-    | 1 | available memory | available / total |
-    | 2 | GPU utilisation | percent / 100 (0 without GPU) |
-    | 3 | free VRAM | free / total (0 without GPU) |
-    | 4 | battery | percent / 100 (1 without battery) |
-    | 5 | prompt tokens | tokens / 512, clipped |
-    | 6 | prompt perplexity | ppl / 100, clipped (full model, first 64 tokens) |
-    | 7 | latency budget | budget / full-model latency / 2 (``slo`` reward; 1 otherwise) |
+    | 0 | CPU used by other processes | percent of all cores / 100 |
+    | 1 | run queue | runnable tasks per core, ours excluded, / 2 |
+    | 2 | available memory | available / total |
+    | 3 | memory pressure | Linux PSI some avg10 / 100 |
+    | 4 | GPU utilisation | percent / 100 (0 without GPU) |
+    | 5 | free VRAM | free / total (0 without GPU) |
+    | 6 | battery | percent / 100 (1 without battery) |
+    | 7 | on battery | 1 on battery power |
+    | 8 | prompt tokens | tokens / 512, clipped |
+    | 9 | prompt perplexity | ppl / 100, clipped (full model, first 64 tokens) |
+    | 10 | latency target | target / predicted unloaded full-model latency / 4 (``slo``; 1 otherwise) |
 
     ## Rewards
     ``casrap`` (v2.2 shaping), ``linear`` or ``slo``; see :mod:`casrap.envs.rewards`.
     Quality is the teacher-forced perplexity of the *full model's* answer under the
     chosen profile, relative to the full model's own (plus KL in ``info``); never the
-    profile's perplexity on its own output. The pruned latency includes prompt
-    analysis and profile switch time (``count_router_overhead``).
+    profile's perplexity on its own output. Latency is the time to first token plus
+    the *median* decode step for every further token (one scheduler hiccup does not
+    decide a reward), plus prompt analysis and profile switch time
+    (``count_router_overhead``). The ``slo`` target is absolute: a multiple (drawn per
+    episode) of the unloaded full model's predicted latency for this prompt
+    (:mod:`casrap.measure.latency_model`, measured once per model and machine).
 
     ## Episode End
     After ``prompts_per_episode`` prompts; with the ``casrap`` reward, also at once
@@ -177,13 +184,13 @@ class PruningEnv(gym.Env):
     def _timed_generate(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
         """The full model's timed generation, by the runtime's timing code (EOS ignored)."""
         out = generate_timed(self.model, self.tokenizer, ids, self.config.max_new_tokens, clock=self.clock, ignore_eos=True)
-        return out.generation_s, out.ttft_s, torch.tensor(out.token_ids, dtype=ids.dtype, device=ids.device)
+        return out.robust_latency_s, out.ttft_s, torch.tensor(out.token_ids, dtype=ids.dtype, device=ids.device)
 
     def baseline(self, prompt: Prompt, reading: TelemetryReading) -> Baseline:
         """Full-model answer and latency; latency re-measured if the load moved."""
         ids = self._encode(prompt)
         cached = self._baselines.get(prompt.id)
-        if cached is not None and abs(reading.cpu_util - cached.cpu_util) <= self.config.rebaseline_cpu_delta:
+        if cached is not None and abs(reading.other_cpu_util - cached.cpu_util) <= self.config.rebaseline_cpu_delta:
             return cached
         self.bank.activate(FULL)
         latency, ttft, answer = self._timed_generate(ids)
@@ -191,7 +198,7 @@ class PruningEnv(gym.Env):
             answer, tf_ppl = cached.answer_ids, cached.tf_ppl
         else:
             tf_ppl = teacher_forced_ppl(self.model, ids, answer)
-        record = Baseline(answer, latency, ttft, tf_ppl, reading.cpu_util)
+        record = Baseline(answer, latency, ttft, tf_ppl, reading.other_cpu_util)
         self._baselines[prompt.id] = record
         return record
 
@@ -232,7 +239,7 @@ class PruningEnv(gym.Env):
         full_seq = torch.cat([ids[0], answer]).unsqueeze(0)
         n = self.config.max_new_tokens
         routed = self.router.run(self.router.fixed_decision(name, ids, n), ids, n, ignore_eos=True)  # switch, generate, restore
-        switch_s, latency, ttft = routed.switch_s, routed.output.generation_s, routed.output.ttft_s
+        switch_s, latency, ttft = routed.switch_s, routed.output.robust_latency_s, routed.output.ttft_s
         output = torch.tensor(routed.output.token_ids, dtype=ids.dtype, device=ids.device)
         with self.bank.using(name):
             tf_ppl = teacher_forced_ppl(self.model, ids, answer) if name != FULL else base.tf_ppl
@@ -241,7 +248,8 @@ class PruningEnv(gym.Env):
         kl = mean_kl(full_logits[ids.shape[1] - 1 : -1], cand_logits[ids.shape[1] - 1 : -1])
         overhead = features.analysis_s + switch_s if self.config.count_router_overhead else 0.0
         total_latency = latency + overhead
-        budget_s = base.latency_s * self._budget_ratio
+        predicted_full = self.router.estimate_unloaded(int(ids.shape[1]), n)
+        budget_s = predicted_full * self._budget_ratio
         reward_input = RewardInput(total_latency, base.latency_s, tf_ppl, base.tf_ppl, budget_s)
         reward, early_stop = compute_reward(reward_input, self.config.reward)
         n = self.config.max_new_tokens
@@ -251,7 +259,9 @@ class PruningEnv(gym.Env):
             "analysis_s": features.analysis_s, "switch_s": switch_s,
             "baseline_latency_s": base.latency_s, "baseline_ttft_s": base.ttft_s, "baseline_tokens_per_s": n / base.latency_s,
             "baseline_ppl": base.tf_ppl,
-            "latency_s": total_latency, "generation_s": latency, "ttft_s": ttft, "tokens_per_s": n / total_latency,
+            "latency_s": total_latency, "generation_s": routed.output.generation_s, "robust_generation_s": latency,
+            "decode_median_s": routed.output.decode_median_s, "ttft_s": ttft, "tokens_per_s": n / total_latency,
+            "latency_source": "measured", "predicted_full_s": predicted_full,
             "ppl": tf_ppl, "kl": kl, "speedup": reward_input.speedup, "degradation": reward_input.degradation,
             "budget_s": budget_s if np.isfinite(budget_s) else None, "reward": reward,
             "telemetry": reading.to_dict(), "same_answer": bool(torch.equal(output.cpu(), answer.cpu())),

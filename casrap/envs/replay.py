@@ -1,11 +1,17 @@
 """Recorded measurements and ``casrap/PruningReplay-v0``, which serves them.
 
 Format (JSONL): the first line is a header
-``{"format": "casrap-replay/1", "model", "profiles", "max_new_tokens", "machine"}``;
-every other line is one measurement of one profile on one prompt under one load
-level: the ``info`` dict of :class:`PruningEnv.step` plus ``load`` (background load
-intensity) and ``split`` (``train``/``test``). A *context* is one (prompt, load)
-pair; the replay env needs every profile measured in each context it serves.
+``{"format": "casrap-replay/2", "model", "profiles", "max_new_tokens", "machine", ...}``
+(``casrap record`` adds versions, load levels, how each figure was obtained and the
+latency models' errors); every other line is one profile on one prompt under one
+load level: ``prompt_id``, ``load`` (background workers), ``profile``, ``latency_s``
+(TTFT + median decode step per further token, router overhead included),
+``latency_source`` (``measured`` | ``modelled``), ``predicted_full_s`` (the
+*unloaded* full model's predicted latency for this prompt length: targets are drawn
+as multiples of it), ``ppl``/``kl`` (teacher-forced on the full model's answer,
+load-independent), the telemetry read just before the decision, and ``split``. A
+*context* is one (prompt, load) pair; the replay env needs every profile in each
+context it serves.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from casrap.envs.observation import observation_vector
 from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 
-REPLAY_FORMAT = "casrap-replay/1"
+REPLAY_FORMAT = "casrap-replay/2"
+REPLAY_FORMATS = ("casrap-replay/1", REPLAY_FORMAT)
 RECORD_KEYS = ("prompt_id", "load", "profile", "latency_s", "ppl", "kl", "baseline_latency_s", "baseline_ppl",
                "prompt_tokens", "prompt_ppl", "telemetry")
-TELEMETRY_KEYS = ("cpu_util", "mem_available_gb", "gpu_util", "vram_free_gb", "battery")
+TELEMETRY_KEYS = ("other_cpu_util", "mem_available_gb", "gpu_util", "vram_free_gb", "battery")
 BUNDLED_REPLAY = "bundled"
 
 
@@ -43,12 +50,22 @@ class ReplayTable:
     splits: np.ndarray  # [C] str
     prompt_keys: np.ndarray  # [C] str: text keys of the prompts (``Prompt.key``), to check train/test overlap
     categories: np.ndarray  # [C] str
-    base_obs: np.ndarray  # [C, 7] normalised features without the budget
+    base_obs: np.ndarray  # [C, F-1] normalised features without the latency target
     latency: np.ndarray  # [C, A] seconds, including router overhead
     baseline_latency: np.ndarray  # [C]
     ppl: np.ndarray  # [C, A] teacher-forced ppl of the full model's answer
     baseline_ppl: np.ndarray  # [C]
     kl: np.ndarray  # [C, A]
+    predicted_full: np.ndarray | None = None  # [C] unloaded full-model latency predicted for the prompt (targets scale it)
+    measured: np.ndarray | None = None  # [C, A] bool: latency measured (True) or modelled
+
+    @property
+    def loads(self) -> np.ndarray:
+        return np.array([c.rsplit("@", 1)[-1] for c in self.context_ids])
+
+    def target_base(self) -> np.ndarray:
+        """What a target ratio multiplies: the predicted unloaded full latency (v2), else the measured baseline (v1)."""
+        return self.predicted_full if self.predicted_full is not None else self.baseline_latency
 
     def subset(self, split: str) -> ReplayTable:
         if split == "all":
@@ -60,6 +77,8 @@ class ReplayTable:
             self.header, self.profiles, [c for c, k in zip(self.context_ids, keep) if k], self.splits[keep], self.prompt_keys[keep],
             self.categories[keep], self.base_obs[keep], self.latency[keep], self.baseline_latency[keep],
             self.ppl[keep], self.baseline_ppl[keep], self.kl[keep],
+            None if self.predicted_full is None else self.predicted_full[keep],
+            None if self.measured is None else self.measured[keep],
         )
 
 
@@ -89,7 +108,7 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         header = json.loads(lines[0])
     except ValueError as err:
         raise InputError(f"{source}:1: invalid JSON header") from err
-    if header.get("format") != REPLAY_FORMAT:
+    if header.get("format") not in REPLAY_FORMATS:
         raise InputError(f"{source}:1: not a casrap replay file (expected format {REPLAY_FORMAT})")
     missing = [key for key in ("profiles",) if key not in header]
     if missing or not isinstance(header.get("profiles"), list) or not header["profiles"]:
@@ -111,15 +130,13 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
     if not complete:
         raise InputError(f"replay file {source} has no context with every profile measured")
     keys = list(complete)
-    base_obs, lat, ppl, kl, blat, bppl, splits, cats, pkeys = [], [], [], [], [], [], [], [], []
+    base_obs, lat, ppl, kl, blat, bppl, splits, cats, pkeys, pfull, measured = [], [], [], [], [], [], [], [], [], [], []
     for key in keys:
         first = complete[key]["first"]
-        t = first["telemetry"]
-        base_obs.append(observation_vector(
-            t["cpu_util"], t["mem_available_gb"], t.get("mem_total_gb", 0.0), t["gpu_util"], t["vram_free_gb"],
-            t.get("vram_total_gb", 0.0), t["battery"], first["prompt_tokens"], first["prompt_ppl"], 0.0,
-        )[:-1])
+        base_obs.append(observation_vector(first["telemetry"], first["prompt_tokens"], first["prompt_ppl"], 0.0)[:-1])
         rows = [complete[key]["by_profile"][p] for p in profiles]
+        pfull.append(first.get("predicted_full_s"))
+        measured.append([r.get("latency_source", "measured") == "measured" for r in rows])
         lat.append([r["latency_s"] for r in rows])
         ppl.append([r["ppl"] for r in rows])
         kl.append([r["kl"] for r in rows])
@@ -128,9 +145,11 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         splits.append(first.get("split", "train"))
         pkeys.append(str(first.get("prompt_key") or f"replay-id:{first['prompt_id']}"))
         cats.append(first.get("category", ""))
+    has_prediction = all(v is not None for v in pfull)
     return ReplayTable(
         header, profiles, keys, np.array(splits), np.array(pkeys), np.array(cats), np.array(base_obs, dtype=np.float32),
         np.array(lat), np.array(blat), np.array(ppl), np.array(bppl), np.array(kl),
+        np.array(pfull, dtype=float) if has_prediction else None, np.array(measured, dtype=bool),
     )
 
 
@@ -138,7 +157,10 @@ class PruningReplayEnv(gym.Env):
     """``casrap/PruningReplay-v0``: Pruning-v0's interface over recorded measurements.
 
     No model is loaded: each episode draws a recorded context (prompt x load level)
-    and, for the ``slo`` reward, a latency budget; a step looks up the chosen
+    and, for the ``slo`` reward, an absolute latency target (a multiple, drawn from
+    ``RewardConfig.budget_range``, of the *unloaded* full model's predicted latency for
+    the prompt: the observation shows that multiple, and how loaded the machine is
+    reaches the policy through telemetry only); a step looks up the chosen
     profile's recorded latency and quality and computes the reward with the same
     functions as the live env. Observation and action spaces match Pruning-v0.
 
@@ -181,11 +203,10 @@ class PruningReplayEnv(gym.Env):
         if self.reward_config.kind == "slo":
             lo, hi = self.reward_config.budget_range
             self._budget_ratio = float(self.np_random.uniform(lo, hi)) if budget_ratio is None else float(budget_ratio)
-            budget_feature = min(1.0, self._budget_ratio / 2.0)
         else:
             self._budget_ratio = float("inf")
-            budget_feature = 1.0
-        self._obs = np.append(self.table.base_obs[self._context], np.float32(budget_feature)).astype(np.float32)
+        target_feature = observation_vector({}, 0, 0.0, self._budget_ratio)[-1]
+        self._obs = np.append(self.table.base_obs[self._context], np.float32(target_feature)).astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
@@ -199,7 +220,7 @@ class PruningReplayEnv(gym.Env):
         base_lat = float(self.table.baseline_latency[c])
         x = RewardInput(
             float(self.table.latency[c, action]), base_lat, float(self.table.ppl[c, action]),
-            float(self.table.baseline_ppl[c]), base_lat * self._budget_ratio,
+            float(self.table.baseline_ppl[c]), float(self.table.target_base()[c]) * self._budget_ratio,
         )
         reward, stop = compute_reward(x, self.reward_config)
         return reward, stop, x

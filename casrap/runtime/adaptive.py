@@ -175,7 +175,9 @@ class AdaptiveLM:
         return adaptive
 
     def warmup(self, tokens: int = 8) -> None:
-        """One untimed pass, then one timed full-model generation that seeds the latency model."""
+        """One untimed pass, one timed full-model generation that seeds the running latency
+        estimate, and the unloaded latency model the targets are normalised by (cached per
+        model and machine; measured here on first use, a few seconds)."""
         from casrap.runtime.generation import generate_timed
 
         ids = self.encode("Hello.", tokens)
@@ -186,6 +188,7 @@ class AdaptiveLM:
             out = generate_timed(model, self.tokenizer, ids, tokens, clock=self.clock, ignore_eos=True)
             self.router.latency.observations = 0  # the measured run replaces the prior outright
             self.router.latency.observe("none", int(ids.shape[-1]), tokens, out.ttft_s, out.generation_s)
+            _ = self.router.unloaded
 
     @property
     def defaults(self) -> RuntimeDefaults:

@@ -28,13 +28,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from casrap.envs.config import OBSERVATION_FEATURES
-from casrap.envs.observation import BUDGET_SCALE, PPL_SCALE, TOKENS_SCALE
+from casrap.envs.observation import OBSERVATION_FEATURES, OBSERVATION_VERSION, PPL_SCALE, RUN_QUEUE_SCALE, TARGET_SCALE, TOKENS_SCALE
 from casrap.errors import CheckpointError
 from casrap.profiles.plan import PruningPlan
 
 BUNDLE_FORMAT = "casrap-bundle/1"
-OBSERVATION_VERSION = 1
 MANIFEST = "bundle.json"
 POLICY = "policy.zip"
 DEFAULT_BUNDLE = "default"
@@ -45,7 +43,7 @@ def observation_spec() -> dict[str, Any]:
     return {
         "version": OBSERVATION_VERSION,
         "features": list(OBSERVATION_FEATURES),
-        "scales": {"prompt_tokens": TOKENS_SCALE, "prompt_ppl": PPL_SCALE, "latency_budget": BUDGET_SCALE},
+        "scales": {"prompt_tokens": TOKENS_SCALE, "prompt_ppl": PPL_SCALE, "latency_target": TARGET_SCALE, "run_queue": RUN_QUEUE_SCALE},
     }
 
 

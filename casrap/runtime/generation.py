@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 
-class _FirstToken(StoppingCriteria):
-    """Notes the clock when the first new token exists (prefill plus one token)."""
+class _TokenClock(StoppingCriteria):
+    """Notes the clock each time a new token exists: the first is prefill plus one token.
+
+    Per-token times let the reward use the *median* decode step, so one scheduler
+    hiccup during a generation does not decide what a profile costs.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.first: float | None = None
+        self.times: list[float] = []
+
+    @property
+    def first(self) -> float | None:
+        return self.times[0] if self.times else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.first is None:
-            self.first = self.clock()
+        self.times.append(self.clock())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -49,6 +57,17 @@ class GenerationOutput:
     ttft_s: float
     generation_s: float
     finish_reason: str  # "stop" (EOS) or "length"
+    decode_steps_s: list[float] = field(default_factory=list)  # seconds between consecutive new tokens
+
+    @property
+    def decode_median_s(self) -> float:
+        """Median seconds per decode step (0 with fewer than two new tokens)."""
+        return float(statistics.median(self.decode_steps_s)) if self.decode_steps_s else 0.0
+
+    @property
+    def robust_latency_s(self) -> float:
+        """TTFT plus the median decode step for every further token: what the reward trusts."""
+        return self.ttft_s + self.decode_median_s * max(len(self.decode_steps_s), 0)
 
 
 @torch.inference_mode()
@@ -67,7 +86,7 @@ def generate_timed(
     """Generate on the active profile; ``ignore_eos`` fixes the length (for timing)."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    timer = _FirstToken(clock)
+    timer = _TokenClock(clock)
     eos = None if ignore_eos else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     kwargs: dict[str, Any] = {"do_sample": do_sample}
@@ -91,4 +110,5 @@ def generate_timed(
     if finish == "stop":
         new = new[:-1]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return GenerationOutput(new, text, (timer.first if timer.first is not None else end) - start, end - start, finish)
+    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    return GenerationOutput(new, text, (timer.first if timer.first is not None else end) - start, end - start, finish, steps)

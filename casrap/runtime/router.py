@@ -6,9 +6,11 @@ environments use (:func:`casrap.envs.observation.observation_vector`), from the 
 prompt analysis (:class:`casrap.envs.analysis.PromptAnalyzer`, raw prompt text, first
 ``analysis_tokens`` tokens under the full model), so what was trained is what runs.
 
-The latency-budget feature is ``budget / full-model latency / 2`` as in training. The
-full model's latency for the request is estimated by a :class:`LatencyModel` fed by
-every generation the router times. A request's budget is its target minus the time
+The latency-target feature is the request's target in seconds over the *predicted
+unloaded* full-model latency for its prompt length and token count
+(:class:`casrap.measure.latency_model.UnloadedLatencyModel`, measured once per model and
+machine and cached), as in training: how loaded the machine is now reaches the policy
+through telemetry, never through the denominator. A request's budget is its target minus the time
 it already waited in the queue, shrunk by the requests waiting behind it
 (``/ (1 + queue_weight * queue_length)``): the observation spec v1 has no queue
 feature, so queue length and waiting time enter through the budget.
@@ -32,6 +34,7 @@ from casrap.envs.observation import observation_vector
 from casrap.profiles.catalogue import FULL
 from casrap.runtime.bundle import RuntimeDefaults
 from casrap.runtime.generation import GenerationOutput, generate_timed
+from casrap.measure.latency_model import UnloadedLatencyModel
 from casrap.runtime.latency import LatencyModel
 from casrap.telemetry.live import Telemetry, TelemetryReading
 
@@ -44,11 +47,7 @@ class Policy(Protocol):
 
 def build_observation(reading: TelemetryReading, features: PromptFeatures, budget_ratio: float) -> np.ndarray:
     """The policy's input, exactly as the environments build it."""
-    r = reading
-    return observation_vector(
-        r.cpu_util, r.mem_available_gb, r.mem_total_gb, r.gpu_util, r.vram_free_gb, r.vram_total_gb,
-        r.battery, features.tokens, features.ppl, budget_ratio,
-    )
+    return observation_vector(reading, features.tokens, features.ppl, budget_ratio)
 
 
 @dataclass
@@ -105,6 +104,7 @@ class Router:
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.perf_counter,
         latency: LatencyModel | None = None,
+        unloaded: UnloadedLatencyModel | None = None,
     ) -> None:
         self.bank = bank
         self.tokenizer = tokenizer
@@ -117,11 +117,25 @@ class Router:
         self.telemetry = telemetry
         self.clock = clock
         self.latency = latency or LatencyModel(speed={n: bank.ideal_speedup(n) for n in bank.names})
+        self._unloaded = unloaded
         self.analyzer = PromptAnalyzer(bank.model, tokenizer, max_tokens=self.defaults.analysis_tokens, clock=clock)
         self.actions = list(bank.names)
 
+    @property
+    def unloaded(self) -> UnloadedLatencyModel:
+        """The full model's unloaded latency model (cached per model and machine; measured on first use)."""
+        if self._unloaded is None:
+            from casrap.measure.latency_model import load_or_fit_latency_model
+
+            self._unloaded = load_or_fit_latency_model(self.bank, self.tokenizer, telemetry=self.telemetry)
+        return self._unloaded
+
+    def estimate_unloaded(self, prompt_tokens: int, max_new_tokens: int) -> float:
+        """Predicted seconds for the full model on an idle machine (no model run)."""
+        return self.unloaded.predict(prompt_tokens, max_new_tokens)
+
     def budget_ratio(self, target_s: float | None, estimated_full_s: float, queue_length: int, waited_s: float) -> float:
-        """The budget feature's ratio: remaining target over the full model's estimate."""
+        """The target feature's ratio: remaining target over the predicted unloaded full-model latency."""
         if target_s is None:
             return self.defaults.budget_ratio
         remaining = max(target_s - waited_s, 0.0) / (1.0 + self.defaults.queue_weight * max(queue_length, 0))
@@ -148,7 +162,7 @@ class Router:
         self.bank.activate(FULL)
         features = self.analyzer.analyze(text)
         t2 = clock()
-        estimate = self.latency.estimate(prompt_tokens, max_new_tokens)
+        estimate = self.estimate_unloaded(prompt_tokens, max_new_tokens)
         ratio = self.budget_ratio(target_s, estimate, queue_length, waited_s)
         obs = build_observation(reading, features, ratio)
         action = int(np.asarray(self.policy.predict(obs, deterministic=True)[0]).reshape(-1)[0])
@@ -188,5 +202,6 @@ class Router:
                        waited_s: float = 0.0) -> Decision:
         """A decision that names ``profile`` without asking the policy (static baselines)."""
         tokens = int(input_ids.shape[-1])
+        estimate = self._unloaded.predict(tokens, max_new_tokens) if self._unloaded is not None else float("nan")
         return Decision(profile, self.actions.index(profile), [], tokens, float("nan"), None, float("nan"),
-                        self.latency.estimate(tokens, max_new_tokens), queue_length, waited_s, 0.0, 0.0, 0.0)
+                        estimate, queue_length, waited_s, 0.0, 0.0, 0.0)
