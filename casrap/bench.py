@@ -3,8 +3,10 @@
 Per profile: parameters removed, ideal speedup (weight bytes read per decoded token,
 full / pruned), measured decode speedup (interleaved A B pairs, median of per-pair
 ratios), time to first token, perplexity on the evaluation corpus, KL to the full
-model on the same text, switch time and memory overhead. The baseline is re-measured
-inside every pair, so drift in machine load hits both sides.
+model on the same text, switch time, memory (bytes the profile holds beyond the base
+model, counted by unique storage, and the peak memory while it decodes), and with
+``compile`` the same decode comparison under ``torch.compile`` with a static cache. The
+baseline is re-measured inside every pair, so drift in machine load hits both sides.
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from typing import Any
 
 import torch
 
-from casrap.measure import compare_interleaved, mean_kl, next_token_logits, perplexity, timed_generate
+from casrap.measure import (
+    compare_interleaved,
+    mean_kl,
+    next_token_logits,
+    perplexity,
+    timed_generate,
+)
 from casrap.measure.corpus import Corpus
+from casrap.measure.memory import PeakMemory
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL
 
@@ -37,6 +46,7 @@ class BenchConfig:
     kl_tokens: int = 512  # tokens of the corpus used for KL
     switch_trials: int = 200
     prompt: str = BENCH_PROMPT
+    compile: bool = False  # also time decode under torch.compile (static cache), eager vs compiled
 
 
 @dataclass
@@ -55,6 +65,35 @@ class ProfileResult:
     switch_ms: float
     memory_overhead_mb: float
     functional: bool = False
+    weights_mb: float = 0.0  # unique storages the profile runs (its layers + embeddings, norm, head)
+    peak_memory_mb: float | None = None  # peak RSS (CPU) / allocated (CUDA) during its timed decode runs
+    compiled: dict[str, Any] | None = None  # decode under torch.compile, when asked
+
+
+def _compile_options() -> dict[str, Any]:
+    """generate() kwargs that decode through torch.compile with a static cache (any device).
+
+    transformers compiles the decoding forward itself when the cache is static; by default
+    only on accelerators, so the config opts CPUs in. Each profile is a new graph (its
+    layers differ): the dynamo cache limit is raised so that no profile silently falls
+    back to eager.
+    """
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def compile_blocker() -> str | None:
+    """Why torch.compile cannot run here (one line), or None."""
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "torch.compile needs a C++ compiler on CPU (none of c++, g++, clang++ found)"
+    return None
 
 
 @dataclass
@@ -73,12 +112,15 @@ class BenchReport:
         return data
 
 
-def _decode_runner(bank: ProfileBank, name: str, ids: torch.Tensor, tokens: int, pad: int | None) -> Callable[[], float]:
+def _decode_runner(bank: ProfileBank, name: str, ids: torch.Tensor, tokens: int, pad: int | None,
+                   options: dict[str, Any] | None = None) -> Callable[[], float]:
     """One measurement = TTFT run + full run; returns decode seconds per token."""
+    extra = options or {}
+
     def run() -> float:
         bank.activate(name)
-        ttft, _ = timed_generate(bank.model, ids, 1, pad_token_id=pad)
-        total, _ = timed_generate(bank.model, ids, tokens, pad_token_id=pad)
+        ttft, _ = timed_generate(bank.model, ids, 1, pad_token_id=pad, **extra)
+        total, _ = timed_generate(bank.model, ids, tokens, pad_token_id=pad, **extra)
         run.ttfts.append(ttft)  # type: ignore[attr-defined]
         return max(total - ttft, 1e-9) / (tokens - 1)
     run.ttfts = []  # type: ignore[attr-defined]
@@ -135,7 +177,10 @@ def run_bench(
         base_run = _decode_runner(bank, FULL, prompt_ids, cfg.new_tokens, pad)
         cand_run = _decode_runner(bank, name, prompt_ids, cfg.new_tokens, pad)
         comparison = compare_interleaved(base_run, cand_run, pairs=cfg.pairs, warmup=cfg.warmup)
+        with PeakMemory(device) as peak:
+            cand_run()
         bank.activate(FULL)
+        compiled = _compiled_comparison(bank, name, prompt_ids, cfg, pad, comparison) if cfg.compile else None
         report.profiles.append(
             ProfileResult(
                 name=name,
@@ -152,9 +197,39 @@ def run_bench(
                 switch_ms=switch_time_ms(bank, name, cfg.switch_trials),
                 memory_overhead_mb=bank.memory_overhead_bytes(name) / 2**20 if name != FULL else 0.0,
                 functional=plan.functional,
+                weights_mb=bank.profile_weight_bytes(name) / 2**20,
+                peak_memory_mb=peak.mb,
+                compiled=compiled,
             )
         )
     return report
+
+
+def _compiled_comparison(bank: ProfileBank, name: str, ids: torch.Tensor, cfg: BenchConfig, pad: int | None,
+                         eager: Any) -> dict[str, Any]:
+    """Decode ms/token of the full model and ``name`` under torch.compile (interleaved pairs).
+
+    The first call per profile compiles (timed apart as ``compile_s``); both sides then
+    run warm. Reports the compiled speedup next to the eager one of the same profile.
+    """
+    options = _compile_options()
+    base_run = _decode_runner(bank, FULL, ids, cfg.new_tokens, pad, options)
+    cand_run = _decode_runner(bank, name, ids, cfg.new_tokens, pad, options)
+    start = time.perf_counter()
+    cand_run()
+    compile_s = time.perf_counter() - start
+    comparison = compare_interleaved(base_run, cand_run, pairs=cfg.pairs, warmup=cfg.warmup)
+    bank.activate(FULL)
+    cand_ms = 1000 * statistics.median(comparison.candidate_s)
+    base_ms = 1000 * statistics.median(comparison.baseline_s)
+    return {
+        "decode_ms_per_token": cand_ms,
+        "baseline_decode_ms_per_token": base_ms,
+        "speedup": comparison.speedup,
+        "speedup_pairs": comparison.ratios,
+        "eager_over_compiled": 1000 * statistics.median(eager.candidate_s) / cand_ms,
+        "compile_s": compile_s,
+    }
 
 
 
@@ -213,8 +288,8 @@ def factorised_matmul_timing(
         a = torch.randn(rank, d_in, dtype=dtype, device=device)
         b = torch.randn(d_out, rank, dtype=dtype, device=device)
         x = torch.randn(tokens, d_in, dtype=dtype, device=device)
-        dense = lambda: F.linear(x, w)  # noqa: E731
-        factor = lambda: F.linear(F.linear(x, a), b)  # noqa: E731
+        dense = lambda: F.linear(x, w)
+        factor = lambda: F.linear(F.linear(x, a), b)
         for _ in range(10):
             dense(), factor()
         d_times, f_times, ratios = [], [], []

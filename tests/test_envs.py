@@ -112,9 +112,9 @@ def test_rewards_on_hand_computed_cases():
     assert casrap_reward(very_slow) == (-20.0, True)
     assert linear_reward(fast, alpha=2.0, beta=0.5)[0] == pytest.approx(2 * 0.25 - 0.5 * 0.1)
     over = RewardInput(1.0, 1.0, 12.0, 10.0, budget_s=0.8)
-    assert slo_reward(over, lam=2.0)[0] == pytest.approx(-math.log(1.2) - 2.0 * 0.25)
+    assert slo_reward(over, lam=2.0)[0] == pytest.approx(-math.log(1.2) - 2.0 * math.log(1.25))
     better = RewardInput(1.0, 1.0, 8.0, 10.0, budget_s=0.8)
-    assert slo_reward(better, lam=2.0)[0] == pytest.approx(-2.0 * 0.25)  # lower perplexity earns nothing
+    assert slo_reward(better, lam=2.0)[0] == pytest.approx(-2.0 * math.log(1.25))  # lower perplexity earns nothing
     within = RewardInput(0.7, 1.0, 10.0, 10.0, budget_s=0.8)
     assert slo_reward(within)[0] == 0.0
 
@@ -175,11 +175,17 @@ def test_bundled_replay_file_loads():
     table = load_replay("bundled")
     assert table.latency.shape[1] == len(table.profiles) >= 5
     assert {"train", "test"} <= set(table.splits.tolist())
+    # the recording at scale (issue 11): >= 200 prompts, >= 40 of them test, 3 load levels, provenance
+    prompts = {split: {k for k, s in zip(table.prompt_keys, table.splits) if s == split} for split in ("train", "test")}
+    assert len(prompts["train"] | prompts["test"]) >= 200 and len(prompts["test"]) >= 40 and not prompts["train"] & prompts["test"]
+    assert sorted(set(table.loads.tolist()), key=float) == ["0", "1", "2"]
+    assert table.predicted_full is not None and table.measured is not None and 0 < table.measured.mean() < 1
+    assert {"machine", "versions", "how_measured", "latency_models", "durations_s"} <= set(table.header)
 
 
 def test_malformed_replay_files(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"format": "casrap-replay/1", "profiles": ["none"]}) + "\n{oops\n")
+    path.write_text(json.dumps({"format": "casrap-replay/2", "profiles": ["none"]}) + "\n{oops\n")
     with pytest.raises(InputError, match="bad.jsonl:2"):
         load_replay(path)
     path.write_text('{"format": "other"}\n')

@@ -208,13 +208,13 @@ def test_replay_file_missing_keys_is_a_one_line_error(tmp_path):
     from casrap.envs.replay import load_replay
 
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"format": "casrap-replay/1"}) + "\n")
+    path.write_text(json.dumps({"format": "casrap-replay/2"}) + "\n")
     with pytest.raises(InputError, match="header lacks"):
         load_replay(path)
     record = json.loads(load_replay_line())
-    del record["telemetry"]["cpu_util"]
-    path.write_text(json.dumps({"format": "casrap-replay/1", "profiles": ["none"]}) + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(InputError, match=r"r.jsonl:2: .*telemetry.cpu_util"):
+    del record["telemetry"]["other_cpu_util"]
+    path.write_text(json.dumps({"format": "casrap-replay/2", "profiles": ["none"]}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(InputError, match=r"r.jsonl:2: .*telemetry.other_cpu_util"):
         load_replay(path)
 
 
@@ -260,7 +260,7 @@ def test_policy_zip_loads_without_unpickling(tmp_path):
             archive.writestr(name, blob)
     policy = load_policy(tmp_path / "evil.zip", env)
     assert not marker.exists()
-    assert policy.observation_space.shape == (8,) and policy.action_space.n == env.action_space.n
+    assert policy.observation_space.shape == (len(OBSERVATION_FEATURES),) and policy.action_space.n == env.action_space.n
     with pytest.raises(CasrapError):
         (tmp_path / "junk.zip").write_bytes(b"not a zip")
         load_policy(tmp_path / "junk.zip", env)
@@ -295,7 +295,8 @@ def test_double_dqn_regresses_on_online_argmax_evaluated_by_target(monkeypatch):
             p.add_(torch.randn_like(p) * 0.5)
     # non-terminal transitions (the env's own are one-step episodes, where every target is the reward)
     n, actions = 16, env.action_space.n
-    batch = ReplayBufferSamples(torch.rand(n, 8), torch.randint(0, actions, (n, 1)), torch.rand(n, 8),
+    obs_n = len(OBSERVATION_FEATURES)
+    batch = ReplayBufferSamples(torch.rand(n, obs_n), torch.randint(0, actions, (n, 1)), torch.rand(n, obs_n),
                                 torch.zeros(n, 1), torch.randn(n, 1), None)
     monkeypatch.setattr(model.replay_buffer, "sample", lambda *a, **k: batch)
     with torch.no_grad():

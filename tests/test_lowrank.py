@@ -170,7 +170,9 @@ def test_ranks_search_cli_on_tiny(tmp_path):
     data = json.loads(out.stdout)
     methods = [r["method"] for r in data["ranks_table"]]
     assert methods == ["GA per-projection ranks", "min-error allocation (lowrank-P)", "uniform"]
-    assert all(abs(r["removed"] - 0.25) < 0.03 and r["test_n"] == 95 for r in data["ranks_table"])
+    # --tokens caps the search text only; validation and test read their whole split, the same for every method
+    assert all(abs(r["removed"] - 0.25) < 0.03 for r in data["ranks_table"])
+    assert len({r["test_n"] for r in data["ranks_table"]}) == 1 and data["ranks_table"][0]["test_n"] > 95
     plan = PruningPlan.load(tmp_path / "plans" / "ranks-ga-25.json")
     assert plan.ranks and plan.fingerprint
     assert "Low-rank projections" in (tmp_path / "reports" / "search-1" / "report.md").read_text()

@@ -46,7 +46,7 @@ def test_other_cpu_separates_background_load_levels_even_right_after_our_own_wor
                 load.stop()
     other = {w: r.other_cpu_util for w, r in readings.items()}
     # casrap's own busy second (one core of the machine's) is in the total but not in "other"
-    assert readings[0].cpu_util - other[0] > 100 / (2 * (LiveTelemetry()._cores or 1)), readings[0]
+    assert readings[0].cpu_util - other[0] > 15, readings[0]
     # each extra worker adds a share that others see (2 cores: ~0 -> ~50 -> ~67 percent)
     assert other[1] > other[0] + 15 and other[2] > other[1] + 8, other
 

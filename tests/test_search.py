@@ -73,16 +73,19 @@ def test_search_cli_end_to_end_on_tiny(tmp_path):
     data = json.loads(out.stdout)
     assert {"rates_table", "layers_table", "heads_table"} <= set(data)
     methods = {r["method"] for r in data["layers_table"]}
-    assert methods == {"GA layer set", "last k", "block influence"}
+    assert methods == {"GA layer set", "last k", "block influence", "importance-ranked"}
+    assert all("test_kl" in r and r["test_n"] > 0 for r in data["rates_table"] + data["layers_table"])
     run_dir = tmp_path / "reports" / "search-1"
     for name in ("report.md", "fitness.png", "head_mask.png", "pareto.png", "search.json", "generations.jsonl"):
         assert (run_dir / name).is_file(), name
     plans = sorted(p.name for p in (tmp_path / "plans").iterdir())
-    assert "heads-ga.json" in plans and "layers-ga-k1.json" in plans and "rates-ga-25.json" in plans
+    assert "heads-ga.json" in plans and "ga-layers-25.json" in plans and "ga-rates-25.json" in plans
+    saved = json.loads((tmp_path / "plans" / "ga-rates-25.json").read_text())
+    assert saved["fingerprint"] and saved["meta"]["picked_on"].startswith("validation")
     # saved plans load as profiles in bench
-    bench = json.loads(run(["bench", "--model", "tiny-random-llama", "-p", "plans/layers-ga-k1.json", "--tokens", "3", "--pairs", "1",
+    bench = json.loads(run(["bench", "--model", "tiny-random-llama", "-p", "plans/ga-layers-25.json", "--tokens", "3", "--pairs", "1",
                             "--corpus", "offline", "--ppl-max-tokens", "64", "--json"], tmp_path).stdout)
-    assert bench["profiles"][1]["name"] == "layers-ga-k1"
+    assert bench["profiles"][1]["name"] == "ga-layers-25"
 
 
 def test_nsga2_scores_each_layer_set_once_and_never_removes_every_layer():
@@ -97,3 +100,143 @@ def test_nsga2_scores_each_layer_set_once_and_never_removes_every_layer():
     assert len(calls) == len(set(calls)) == result.evaluations
     assert result.history[-1].evaluations == result.evaluations
     assert all(0 < len(genome) - sum(genome) for genome, _ in result.front)
+
+
+# ------------------------------------------------------------ seeded evolution (issue 16)
+def test_level_genomes_keep_sparsity_exact():
+    from casrap.search import evo
+
+    levels = evo.Levels(layers=10, target=0.4, step=0.05, max_rate=0.9)
+    rng = random.Random(1)
+    imp = torch.rand(10, 64)
+    seeds = evo.rate_seeds(levels, imp, torch.rand(10))
+    assert {"uniform", "importance-ranked", "influence-0.2"} <= set(seeds)
+    for genome in seeds.values():
+        assert sum(genome) == levels.total and 0 <= min(genome) and max(genome) <= levels.max_level
+    g = list(seeds["uniform"])
+    for _ in range(200):
+        g = levels.switch(g, rng, rng.choice((1, 2, 3)))
+        assert sum(g) == levels.total and max(g) <= levels.max_level and min(g) >= 0
+    a, b = levels.crossover(list(g), list(seeds["importance-ranked"]), rng)
+    assert sum(a) == sum(b) == levels.total
+    assert sum(levels.rates(seeds["uniform"])) == pytest.approx(4.0)
+    layer_sets = evo.layer_seeds(torch.rand(10), imp, torch.rand(10, 8), 3)
+    for genome in layer_sets.values():
+        assert sum(genome) == 3
+        for _ in range(20):
+            genome = evo.swap_layers(genome, rng, 2)
+            assert sum(genome) == 3
+
+
+def test_evolution_starts_from_seeds_scores_once_and_stops_on_budget():
+    from casrap.profiles.plan import PruningPlan
+    from casrap.search import evo
+
+    levels = evo.Levels(layers=8, target=0.25, step=0.05)
+    best = [0, 0, 4, 10, 10, 10, 6, 0]  # the optimum the fitness rewards
+    assert sum(best) == levels.total
+    calls: list[tuple[int, ...]] = []
+
+    def score(plan: PruningPlan):
+        genome = tuple(plan.meta["genome"])
+        calls.append(genome)
+        return -float(sum(abs(a - b) for a, b in zip(genome, best))), {}
+
+    memo = evo.BatchMemo(lambda g: PruningPlan(name="x", meta={"genome": list(g)}), evo.make_toolbox(score))
+    seeds = {"uniform": levels.quantize([0.25] * 8)}
+    result = evo.run_evolution("t", seeds, evo.Operators(levels.switch, levels.crossover), memo, ga.SearchConfig(population=8, generations=40, seed=0))
+    assert calls[0] == tuple(seeds["uniform"]) and len(calls) == len(set(calls)) == memo.evaluations
+    assert result.best_fitness > score(PruningPlan(name="x", meta={"genome": seeds["uniform"]}))[0]
+    assert [f for _, f in result.final] == sorted((f for _, f in result.final), reverse=True)
+    timed = evo.run_evolution("t", seeds, evo.Operators(levels.switch, levels.crossover),
+                              evo.BatchMemo(memo.to_plan, evo.make_toolbox(score)), ga.SearchConfig(population=8, generations=0), time_budget=0.05)
+    assert len(timed.history) >= 1  # a zero-generation cap with a budget runs until the budget is spent
+
+
+def test_kl_fitness_is_zero_for_the_full_model_and_positive_when_pruned(tiny):
+    from casrap.profiles.bank import ProfileBank
+    from casrap.profiles.plan import PruningPlan
+    from casrap.search.scoring import FitnessSpec, PlanScorer, SplitScorer
+
+    bank = ProfileBank(tiny.model)
+    ids = tiny.tokenizer("The river ran past the old mill and into the town.", return_tensors="pt").input_ids[0]
+    scorer = PlanScorer(bank, tiny.tokenizer, FitnessSpec("kl", ids.tolist()))
+    full, terms = scorer(PruningPlan(name="x"))
+    assert full == pytest.approx(0.0, abs=1e-6) and terms["kl"] == pytest.approx(0.0, abs=1e-6)
+    pruned, terms = scorer(PruningPlan(name="x", skip_layers=[1]))
+    assert pruned < 0 and terms["kl"] > 0 and terms["ppl"] > 0
+    measured = SplitScorer(bank, ids).measure(PruningPlan(name="y", skip_layers=[1]))
+    assert measured["kl"] == pytest.approx(terms["kl"], rel=1e-4) and measured["n"] == ids.numel() - 1
+    assert bank.names == ["none"]
+
+
+def test_lm_eval_fitness_scores_a_layer_set_on_the_tiny_model(tiny):
+    pytest.importorskip("lm_eval")
+    from casrap.profiles.bank import ProfileBank
+    from casrap.profiles.plan import PruningPlan
+    from casrap.search.scoring import FitnessSpec, PlanScorer
+
+    scorer = PlanScorer(ProfileBank(tiny.model), tiny.tokenizer, FitnessSpec("lm-eval", task_limit=2))
+    fitness, terms = scorer(PruningPlan(name="x", skip_layers=[2]))
+    assert 0.0 <= fitness <= 1.0 and fitness == terms["acc"]
+
+
+def test_ray_pool_of_two_workers_scores_like_the_local_scorer(tiny):
+    ray = pytest.importorskip("ray")
+    from casrap.profiles.bank import ProfileBank
+    from casrap.profiles.plan import PruningPlan
+    from casrap.search import evo
+    from casrap.search.distributed import RayPool, WorkerSpec
+    from casrap.search.scoring import FitnessSpec, PlanScorer
+
+    bank = ProfileBank(tiny.model)
+    ids = tiny.tokenizer("Rain fell on the hills all night.", return_tensors="pt").input_ids[0].tolist()
+    spec = FitnessSpec("kl", ids)
+    plans = [PruningPlan(name="x", skip_layers=[i]) for i in range(4)]
+    local = [PlanScorer(bank, tiny.tokenizer, spec)(p)[0] for p in plans]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with RayPool(WorkerSpec("tiny-random-llama", bank.fingerprint, spec), workers=2) as pool:
+            assert len(pool.actors) == 2
+            toolbox = evo.make_toolbox(lambda plan: plan, pool.map)
+            remote = [f for f, _ in toolbox.map(toolbox.evaluate, plans)]
+        assert remote == pytest.approx(local, rel=1e-4, abs=1e-6)
+        from casrap.errors import CasrapError
+
+        with pytest.raises(CasrapError, match="fingerprint"):
+            RayPool(WorkerSpec("tiny-random-llama", "llama-4L-000000000000", spec), workers=1)
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------ shipped plans (issue 16)
+SHIPPED = ("ga-rates-20", "ga-rates-40", "ga-layers-20", "ga-layers-40")
+
+
+def test_shipped_plans_are_named_listed_and_in_the_default_catalogue():
+    from casrap.profiles.catalogue import CASRAP_V22, SHIPPED as KIND, parse_spec
+    from casrap.profiles.catalogue import default_catalogue
+    from casrap.profiles.shipped import shipped_index, shipped_names
+
+    names = shipped_names("smollm2-135m")
+    assert set(SHIPPED) <= set(names)
+    assert all(parse_spec(n) == (KIND, 0.0) for n in SHIPPED)
+    catalogue = default_catalogue("smollm2-135m")
+    assert catalogue[: len(CASRAP_V22)] == CASRAP_V22 and set(SHIPPED) <= set(catalogue)
+    fingerprint = shipped_index()["ga-rates-40"][0].fingerprint
+    assert set(SHIPPED) <= set(shipped_names(fingerprint))
+    assert default_catalogue("tiny-random-llama") == CASRAP_V22
+    from casrap.envs.config import EnvConfig
+
+    assert EnvConfig().profiles == catalogue and EnvConfig(model="tiny-random-llama").profiles == CASRAP_V22
+    plan = shipped_index()["ga-layers-20"][0].load()
+    assert len(plan.skip_layers) == 6 and plan.meta["picked_on"].startswith("validation")
+
+
+def test_a_shipped_plan_is_refused_on_another_model(tiny):
+    from casrap.errors import CheckpointError
+    from casrap.profiles.factory import build_bank
+    from casrap.pruners.importance import weight_norm_importance
+
+    with pytest.raises(CheckpointError, match="made for smollm2-135m"):
+        build_bank(tiny.model, ["none", "ga-rates-40"], importance=weight_norm_importance(tiny.model))

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
 from casrap.cli.common import (
-    DeviceOpt, JsonOpt, ModelOpt, StructuralOpt, WeightNormOpt, build_profiles, emit_json, load, out,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    StructuralOpt,
+    WeightNormOpt,
+    build_profiles,
+    emit_json,
+    load,
+    out,
     progress_bar,
 )
 
@@ -49,7 +56,7 @@ def eval_ppl(
     device: str = DeviceOpt,
     corpus: str = typer.Option("auto", help="auto (WikiText-2 test, else the held-out test third of the bundled prose) | wikitext2 | offline | PATH"),
     window: int = typer.Option(512, help="sliding window length"),
-    max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens"),
+    max_tokens: int | None = typer.Option(None, help="score at most this many tokens"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Sliding-window perplexity on WikiText-2 or the bundled prose (says which)."""
@@ -100,9 +107,9 @@ def calibrate(
     model: str = ModelOpt,
     device: str = DeviceOpt,
     samples: int = typer.Option(64, help="number of calibration texts"),
-    dataset: Optional[str] = typer.Option(None, help="CSV/JSONL with a prompt column (default: the bundled calibration text)"),
+    dataset: str | None = typer.Option(None, help="CSV/JSONL with a prompt column (default: the bundled calibration text)"),
     max_tokens: int = typer.Option(256, help="tokens per calibration text"),
-    output: Optional[Path] = typer.Option(None, help="file to write (default: keyed to the model under CASRAP_HOME)"),
+    output: Path | None = typer.Option(None, help="file to write (default: keyed to the model under CASRAP_HOME)"),
 ) -> None:
     """Measure head, FFN-channel and layer importance from activations; save it.
 
@@ -122,38 +129,67 @@ def calibrate(
     influence = ", ".join(f"{v:.3f}" for v in importance.layers.tolist())
     out.print(f"saved {importance.source} importance to {path}")
     out.print(f"block influence per layer: {influence}")
+    # the unloaded latency model latency targets are normalised by (per model and machine)
+    from casrap.measure.latency_model import (
+        latency_cache_path,
+        load_or_fit_latency_model,
+    )
+    from casrap.models.architecture import model_key
+    from casrap.telemetry.live import LiveTelemetry
+
+    with progress_bar() as bar:
+        task = bar.add_task("timing the full model (latency model)", total=8)
+        latency = load_or_fit_latency_model(lm.model, lm.tokenizer, telemetry=LiveTelemetry(), cache=False,
+                                            progress=lambda i, n: bar.update(task, completed=i, total=n))
+    latency.save(latency_cache_path(model_key(lm.model)))
+    fit, held = latency.fit, latency.holdout
+    out.print(f"unloaded latency model: TTFT {1e3 * fit.ttft_a:.1f} ms + {1e3 * fit.ttft_b:.3f} ms/prompt token, decode "
+              f"{1e3 * fit.decode_c:.1f} ms/token (+{1e6 * fit.decode_d:.1f} us per context token); held-out median error "
+              f"{100 * held.get('median_rel_error', float('nan')):.1f}% (other processes used {latency.other_cpu_util:.0f}% CPU meanwhile)")
 
 
 def bench(
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    profiles: Optional[list[str]] = typer.Option(None, "--profiles", "-p", help="specs (ffn-25, heads-10, layers-25, kvheads-33, ffnmask-25) or plan .json files; default: CASRAP v2.2 set + trade-off set"),
+    profiles: list[str] | None = typer.Option(None, "--profiles", "-p", help="specs (ffn-25, heads-10, layers-25, kvheads-33, ffnmask-25) or plan .json files; default: CASRAP v2.2 set + trade-off set"),
     tokens: int = typer.Option(32, help="new tokens per timed run"),
     pairs: int = typer.Option(5, help="interleaved baseline/profile pairs"),
     corpus: str = typer.Option("auto", help="auto (WikiText-2 test, else the held-out test third of the bundled prose) | wikitext2 | offline | PATH"),
-    ppl_max_tokens: Optional[int] = typer.Option(None, help="cap corpus tokens for perplexity"),
-    structural: Optional[bool] = StructuralOpt,
+    ppl_max_tokens: int | None = typer.Option(None, help="cap corpus tokens for perplexity"),
+    structural: bool | None = StructuralOpt,
     weight_norm: bool = WeightNormOpt,
     as_json: bool = JsonOpt,
-    output: Optional[Path] = typer.Option(None, help="also write the JSON report here"),
+    output: Path | None = typer.Option(None, help="also write the JSON report here"),
+    compile_decode: bool = typer.Option(False, "--compile", help="also time decode under torch.compile with a static cache (eager vs compiled, per profile)"),
+    memory_with: list[str] | None = typer.Option(None, "--memory-with", help="extra profiles built (not timed) so that total_memory_overhead_mb counts them too; 'default' = CASRAP v2.2 + trade-off sets"),
 ) -> None:
-    """Speed and quality of pruned profiles against the full model."""
-    from casrap.bench import BenchConfig, run_bench
+    """Speed, quality and memory of pruned profiles against the full model."""
+    from casrap.bench import BenchConfig, compile_blocker, run_bench
+    from casrap.errors import InputError
     from casrap.measure import load_corpus
     from casrap.profiles import CASRAP_V22, TRADE_OFF
 
+    if compile_decode and compile_blocker():
+        raise InputError(compile_blocker())
     lm = load(model, device)
     names = list(profiles) if profiles else CASRAP_V22 + TRADE_OFF
     if "none" not in names:
         names.insert(0, "none")
-    bank = build_profiles(lm, names, model, structural, weight_norm)
+    extra = [n for m in (memory_with or []) for n in (CASRAP_V22 + TRADE_OFF if m == "default" else [m])]
+    bank = build_profiles(lm, list(dict.fromkeys(names + extra)), model, structural, weight_norm)
+    timed = [n for n in bank.names if n in names or n not in extra]
     text = load_corpus(corpus)
-    cfg = BenchConfig(new_tokens=tokens, pairs=pairs, ppl_max_tokens=ppl_max_tokens)
+    cfg = BenchConfig(new_tokens=tokens, pairs=pairs, ppl_max_tokens=ppl_max_tokens, compile=compile_decode)
     with progress_bar() as bar:
-        task = bar.add_task("bench", total=len(bank.names))
-        report = run_bench(bank, lm.tokenizer, text, bank.names, cfg, progress=lambda n: bar.update(task, advance=1, description=f"bench {n}"))
+        task = bar.add_task("bench", total=len(timed))
+        report = run_bench(bank, lm.tokenizer, text, timed, cfg, progress=lambda n: bar.update(task, advance=1, description=f"bench {n}"))
     data = report.to_dict()
     data["total_memory_overhead_mb"] = bank.memory_overhead_bytes() / 2**20
+    data["base_weight_mb"] = bank.base_weight_bytes() / 2**20
+    data["total_memory_overhead_pct"] = 100 * bank.memory_overhead_bytes() / bank.base_weight_bytes()
+    data["profiles_in_bank"] = bank.names
+    data["reorder"] = bank.reorder_info
+    data["copied_modules"] = bank.copied_modules
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(data, indent=1, default=float))
@@ -161,18 +197,68 @@ def bench(
         emit_json(data)
         return
     table = Table(title=f"casrap bench: {model} on {report.device} ({report.threads} threads), ppl on {report.corpus}, {tokens} new tokens, {pairs} pairs")
-    for col in ("profile", "removed", "ideal", "speedup", "decode ms/tok", "TTFT ms", "ppl", "KL", "switch ms", "extra MB"):
+    columns = ["profile", "removed", "ideal", "speedup", "decode ms/tok", "TTFT ms", "ppl", "KL", "switch ms", "extra MB", "peak MB"]
+    if compile_decode:
+        columns += ["compiled ms/tok", "compiled speedup", "eager/compiled", "compile s"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "profile" else "right", no_wrap=True)
     for p in report.profiles:
-        table.add_row(
+        row = [
             p.name, f"{100 * p.params_removed:.1f}%", f"{p.ideal_speedup:.2f}x", f"{p.speedup:.2f}x",
             f"{p.decode_ms_per_token:.1f}", f"{p.ttft_ms:.0f}", f"{p.ppl:.2f}", f"{p.kl:.3f}",
-            f"{p.switch_ms:.3f}", f"{p.memory_overhead_mb:.1f}",
-        )
+            f"{p.switch_ms:.3f}", f"{p.memory_overhead_mb:.1f}", "-" if p.peak_memory_mb is None else f"{p.peak_memory_mb:.0f}",
+        ]
+        if p.compiled:
+            c = p.compiled
+            row += [f"{c['decode_ms_per_token']:.1f}", f"{c['speedup']:.2f}x", f"{c['eager_over_compiled']:.2f}x", f"{c['compile_s']:.0f}"]
+        table.add_row(*row)
     out.print(table)
     for p in report.profiles:
         out.print(f"  {p.name}: {p.description}", soft_wrap=True, highlight=False)
-    out.print(f"memory held by all profiles beyond the base model: {data['total_memory_overhead_mb']:.1f} MB")
+    out.print(f"memory held by all {len(bank.names) - 1} profiles beyond the base model ({data['base_weight_mb']:.0f} MB): "
+              f"{data['total_memory_overhead_mb']:.1f} MB ({data['total_memory_overhead_pct']:.1f}%); modules copied: "
+              f"{sum(bank.copied_modules.values())}")
+    if bank.reorder_info:
+        out.print(f"base reordered by {bank.reorder_info['importance']} importance for zero-copy profiles: largest logit change "
+                  f"{bank.reorder_info['max_abs_logit_diff']:.2e} on {bank.reorder_info['probe_tokens']} tokens")
+
+
+def bench_kv(
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+    keep_ratio: list[float] = typer.Option([0.5, 0.25], "--kv-keep-ratio", help="share of prompt tokens the compressed cache keeps (repeatable)"),
+    prompt_tokens: list[int] = typer.Option([256, 512, 1024], "--prompt-tokens", help="prompt lengths (search prose, then calibration text)"),
+    tokens: int = typer.Option(32, help="answer tokens (quality) and decoded tokens per timed run"),
+    pairs: int = typer.Option(3, help="interleaved full/compressed pairs"),
+    sinks: int = typer.Option(4, help="first tokens always kept (attention sinks)"),
+    recent: int = typer.Option(32, help="last prompt tokens always kept"),
+    as_json: bool = JsonOpt,
+    output: Path | None = typer.Option(None, help="also write the JSON report here"),
+) -> None:
+    """KV-cache compression for long prompts: KL on the full model's answer and decode speed, by prompt length."""
+    import torch
+
+    from casrap.measure.kv import as_dicts, kv_study
+    from casrap.pruners.kvcache import KVCompression
+
+    lm = load(model, device)
+    rows = kv_study(lm.model, lm.tokenizer, list(prompt_tokens), list(keep_ratio), tokens, pairs, KVCompression(sinks=sinks, recent=recent))
+    data = {"model": model, "device": lm.device, "threads": torch.get_num_threads(), "sinks": sinks, "recent": recent,
+            "text": "casrap-prose/search + calibration text", "rows": as_dicts(rows)}
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(data, indent=1, default=float))
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(title=f"KV-cache compression: {model} on {lm.device} ({data['threads']} threads), {tokens} answer tokens, {pairs} pairs")
+    for col in ("prompt", "keep", "kept", "KL", "top-1 agree", "decode ms full", "decode ms kv", "speedup", "prefill ms full", "prefill ms kv"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r.prompt_tokens), f"{r.keep_ratio:.2f}", str(r.kept_tokens), f"{r.kl:.3f}", f"{100 * r.top1_agreement:.0f}%",
+                      f"{r.decode_ms_full:.1f}", f"{r.decode_ms_compressed:.1f}", f"{r.speedup:.2f}x",
+                      f"{r.prefill_ms_full:.0f}", f"{r.prefill_ms_compressed:.0f}")
+    out.print(table)
 
 
 # ----------------------------------------------------------------------- export
@@ -181,7 +267,8 @@ def export(
     output: Path = typer.Argument(..., help="directory for the HF checkpoint"),
     model: str = ModelOpt,
     device: str = DeviceOpt,
-    save_plan: Optional[Path] = typer.Option(None, help="also write the plan JSON here"),
+    save_plan: Path | None = typer.Option(None, help="also write the plan JSON here"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="healed profiles: merge the LoRA adapter into the weights (default), or write the unhealed checkpoint plus OUTPUT/adapter"),
 ) -> None:
     """Export a uniform-shape profile as a plain HF checkpoint (no casrap needed to load)."""
     from casrap.profiles.export import export_checkpoint
@@ -191,7 +278,7 @@ def export(
     name = bank.names[-1]
     if save_plan:
         bank.profile(name).plan.save(save_plan)
-    export_checkpoint(bank, name, output, lm.tokenizer)
+    export_checkpoint(bank, name, output, lm.tokenizer, merge=merge)
     out.print(f"wrote {output} ({100 * bank.params_removed(name):.1f}% parameters removed); load it with AutoModelForCausalLM.from_pretrained")
 
 
@@ -203,3 +290,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
     for command in (info, calibrate, bench, export):
         app.command()(command)
+    app.command("bench-kv")(bench_kv)

@@ -40,6 +40,7 @@ def record(
     loads: str = typer.Option("0,1,2", help="background load levels: numbers of CPU-burning worker processes"),
     timed_prompts: int = typer.Option(8, help="prompts whose latency is measured at every load (the rest is modelled)"),
     max_new_tokens: int = typer.Option(32),
+    timing_tokens: Optional[int] = typer.Option(None, help="new tokens per timed generation (default: --max-new-tokens); latency = TTFT + (max_new_tokens - 1) x median step"),
     phase: str = typer.Option("all", help="quality | timing | all (a later run resumes and writes the file)"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -50,7 +51,7 @@ def record(
     )
     from casrap.envs.replay import write_replay
     from casrap.errors import InputError
-    from casrap.profiles.shipped import default_catalogue
+    from casrap.profiles.catalogue import default_catalogue
     from casrap.telemetry.live import LiveTelemetry
 
     if phase not in {"quality", "timing", "all"}:
@@ -60,7 +61,7 @@ def record(
     except ValueError:
         raise InputError(f"--loads must be comma-separated worker counts like 0,1,2, not {loads!r}") from None
     config = RecordConfig(train_prompts=train_prompts, test_prompts=test_prompts, loads=levels, timed_prompts=timed_prompts,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, timing_tokens=timing_tokens)
     work = work or output.with_name(output.stem + ".work")
     work.mkdir(parents=True, exist_ok=True)
     lm = load(model, device)

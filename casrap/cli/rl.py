@@ -10,14 +10,14 @@ from typing import Any, Optional
 import typer
 
 from casrap.cli.common import (
-    DeviceOpt, JsonOpt, ModelOpt, WeightNormOpt, build_profiles, emit_json, load, out,
+    DeviceOpt, JsonOpt, ModelOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
     progress_bar,
 )
 from casrap.envs.rewards import REWARDS, RewardConfig, reward_config
 from casrap.errors import InputError
-from casrap.profiles.catalogue import CASRAP_V22
+from casrap.profiles.catalogue import CASRAP_V22, default_catalogue
 
-ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: specs or plan .json files (default: CASRAP v2.2 set)")
+ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: specs, shipped plan names (ga-rates-40) or plan .json files (default: CASRAP v2.2 set + the plans shipped for the model)")
 RewardOpt = typer.Option("casrap", "--reward", help=f"reward: {' | '.join(REWARDS)}")
 
 
@@ -37,7 +37,23 @@ def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int,
     names = ["none", *[p for p in profiles if p != "none"]]
     bank = build_profiles(lm, names, model, structural, weight_norm)
     config = EnvConfig(model=model, device=device, profiles=names, max_new_tokens=max_new_tokens, reward=reward, structural=structural)
-    return PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
+    env = PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
+    ensure_latency_model(env.router)
+    return env
+
+
+def ensure_latency_model(router: Any) -> None:
+    """Measure the unloaded latency model on first use, visibly (seconds; cached per model and machine)."""
+    from casrap.measure.latency_model import latency_cache_path, load_or_fit_latency_model
+
+    if latency_cache_path(router.bank.fingerprint).is_file():
+        _ = router.unloaded
+        return
+    console.print("no latency model for this model on this machine yet: timing the full model once (seconds; cached)")
+    with progress_bar() as bar:
+        task = bar.add_task("latency model", total=8)
+        router._unloaded = load_or_fit_latency_model(router.bank, router.tokenizer, telemetry=router.telemetry,
+                                                     progress=lambda i, n: bar.update(task, completed=i, total=n))
 
 
 def interrupt_on_sigterm() -> None:
@@ -91,7 +107,7 @@ def collect(
     test = load_prompts(dataset, split="test")
     chosen = [(train[i], "train") for i in rng.choice(len(train), min(train_samples, len(train)), replace=False)]
     chosen += [(test[i], "test") for i in rng.choice(len(test), min(test_samples, len(test)), replace=False)]
-    env = _live_env(model, device, list(profiles or CASRAP_V22), max_new_tokens, RewardConfig(), [p for p, _ in chosen])
+    env = _live_env(model, device, list(profiles or default_catalogue(model)), max_new_tokens, RewardConfig(), [p for p, _ in chosen])
     fitting = {p.id for p in env.prompts}
     chosen = [(p, s) for p, s in chosen if p.id in fitting]
     background = BackgroundLoad(workers=load_workers).start() if any(level > 0 for level in load_levels) else None
@@ -141,7 +157,7 @@ def train(
         saved = read_state(checkpoint)
         profiles = profiles or saved.get("profiles")
         replay = replay or saved.get("replay")
-    names = list(profiles or CASRAP_V22)
+    names = list(profiles or default_catalogue(model))
     if replay:
         from casrap.envs.replay import PruningReplayEnv
 
@@ -156,7 +172,8 @@ def train(
         names = env.action_names
         tokens = max_new_tokens
         trained_on = {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}
-    background = BackgroundLoad(workers=1).start() if background_load and not replay else None
+    # two workers at intensities 0, 0.5, 1 (the schedule's levels) burn about 0, 1 and 2 cores
+    background = BackgroundLoad(workers=2).start() if background_load and not replay else None
     config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every)
     started = time.perf_counter()
     interrupt_on_sigterm()

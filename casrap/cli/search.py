@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -21,8 +21,16 @@ def search(
     ppl_tolerance: float = typer.Option(0.1, help="ranks: binary search for the largest reduction with search ppl <= (1 + this) x full"),
     head_sparsity: float = typer.Option(0.2, help="target share of kv groups removed by the head-mask GA"),
     population: int = typer.Option(12),
-    generations: int = typer.Option(6),
-    tokens: int = typer.Option(512, help="tokens per perplexity split (search / validation / test)"),
+    generations: Optional[int] = typer.Option(None, help="generation cap (default 6; with --time-budget, no cap unless given)"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="rates / layers: wall-clock seconds per search (each target); ends it besides --generations"),
+    fitness: str = typer.Option("kl", "--fitness", help="rates / layers fitness on search text: kl (to the full model) | ppl | lm-eval (accuracy on --lm-eval-task)"),
+    lm_eval_task: str = typer.Option("casrap_local", help="--fitness lm-eval: task name (casrap_local ships with casrap)"),
+    lm_eval_limit: Optional[int] = typer.Option(None, help="--fitness lm-eval: questions used (default all)"),
+    finalists: int = typer.Option(5, help="top genomes by search fitness compared on validation text; the best there wins"),
+    workers: int = typer.Option(0, "--workers", help="rates / layers: evaluate fitness on N Ray workers, each rebuilding the model from --model (0 = in this process)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (ray://host:10001 or auto); default: a local Ray when --workers > 0"),
+    tokens: int = typer.Option(512, help="search-text tokens the fitness reads (validation and test use their whole split)"),
+    ship: bool = typer.Option(False, "--ship", help="maintainers: also write the ga-* plans into casrap/data/plans/<model>/ (shipped with the package)"),
     task_data: str = typer.Option("auto", help="auto (walledai/XSTest, else bundled) | bundled | hub id"),
     plans_dir: Path = typer.Option(Path("checkpoints/profiles"), help="where the best plans go (usable by bench and the env)"),
     seed: int = typer.Option(0),
@@ -36,9 +44,19 @@ def search(
     from casrap.search.report import write_search_report
     from casrap.search.runner import ENCODINGS, SearchRun, run_search
 
+    from casrap.search.scoring import FITNESS_KINDS
+
     unknown = [e for e in encodings if e not in ENCODINGS]
     if unknown:
         raise InputError(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
+    if fitness not in FITNESS_KINDS:
+        raise InputError(f"unknown fitness {fitness!r}; choose from {', '.join(FITNESS_KINDS)}")
+    if time_budget is not None and time_budget <= 0:
+        raise InputError("--time-budget must be a positive number of seconds")
+    if workers < 0:
+        raise InputError("--workers must be 0 (in-process) or more")
+    if generations is None:
+        generations = 0 if time_budget is not None else 6
     lm = load(model, device)
     importance = importance_for(lm)
     if "ranks" in encodings:
@@ -49,8 +67,15 @@ def search(
         if not basis_path.is_file():
             console.print(f"no low-rank basis for this model yet: fitting the PCA of every projection's outputs on calibration text (once; cached at {basis_path})")
     run_dir = new_run_dir(reports, "search")
+    ship_dir = None
+    if ship:
+        from casrap.profiles.shipped import package_plans_dir
+
+        ship_dir = package_plans_dir(Path(model).name)
     run = SearchRun(tuple(encodings), tuple(sparsity), head_sparsity, tokens, task_data, ppl_tolerance=ppl_tolerance,
-                    config=SearchConfig(population=population, generations=generations, seed=seed))
+                    config=SearchConfig(population=population, generations=generations, seed=seed),
+                    fitness=fitness, time_budget=time_budget, finalists=finalists, model_spec=model, workers=workers,
+                    ray_address=ray_address, lm_eval_task=lm_eval_task, lm_eval_limit=lm_eval_limit, ship_dir=ship_dir)
     started = time.perf_counter()
 
     def log(encoding: str, entry: Any) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from casrap.envs.observation import OBSERVATION_FEATURES  # noqa: F401  (re-exported)
 from casrap.envs.rewards import RewardConfig
-from casrap.profiles.shipped import default_catalogue
+from casrap.profiles.catalogue import default_catalogue
 
 
 @dataclass

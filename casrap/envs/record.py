@@ -57,7 +57,11 @@ class RecordConfig:
         loads: background load levels, as numbers of CPU-burning worker processes.
         timed_prompts: prompts whose latency is measured at every load level (half
             from each split); the rest is modelled.
-        max_new_tokens: answer length (EOS ignored, so latencies compare).
+        max_new_tokens: answer length (EOS ignored, so latencies compare); every latency
+            in the file is TTFT + (max_new_tokens - 1) x the median decode step.
+        timing_tokens: new tokens per *timed* generation (default: max_new_tokens); fewer
+            keep loaded timing affordable — under load a decode step on 2 cores can take
+            ten times longer — and the median decode step still comes from several steps.
         analysis_tokens: leading prompt tokens the router scores (its overhead is counted).
         settle_s: seconds to let a new background load level settle before timing.
     """
@@ -67,6 +71,7 @@ class RecordConfig:
     loads: tuple[int, ...] = (0, 1, 2)
     timed_prompts: int = 8
     max_new_tokens: int = 32
+    timing_tokens: int | None = None
     analysis_tokens: int = 64
     settle_s: float = 3.0
 
@@ -202,7 +207,7 @@ def timing_pass(bank: Any, tokenizer: Any, prompts: list[Prompt], profiles: list
                     bank.activate(name)
                     switch_s = time.perf_counter() - t0
                     try:
-                        out = generate_timed(bank.model, tokenizer, ids, config.max_new_tokens, ignore_eos=True)
+                        out = generate_timed(bank.model, tokenizer, ids, config.timing_tokens or config.max_new_tokens, ignore_eos=True)
                     finally:
                         bank.activate(FULL)
                     row = {"prompt_key": prompt.key, "prompt_id": prompt.id, "split": prompt.split, "load": load, "profile": name,
@@ -264,26 +269,28 @@ def build_records(quality: dict[str, dict[str, Any]], timing: list[dict[str, Any
     """One replay record per (prompt, load, profile): measured latency where timed, else modelled."""
     n = config.max_new_tokens
     measured = {(r["prompt_key"], str(r["load"]), r["profile"]): r for r in timing}
-    readings = {ld: [r["context_telemetry"] for r in timing if str(r["load"]) == ld] for ld in models.fits}
-    unloaded = models.fits[str(config.loads[0])][FULL]
+    readings = {ld: [r["telemetry"] for r in timing if str(r["load"]) == ld] for ld in models.fits}  # every measured reading
+    unloaded = models.fits[min(models.fits, key=float)][FULL]  # the lowest load level: 0 background workers
     for key, q in quality.items():
         predicted_full = unloaded.predict(q["input_tokens"], n)
         for load in models.fits:
             timed = [measured.get((key, load, p)) for p in profiles]
             if all(timed):
-                latency = {p: r["ttft_s"] + (r["new_tokens"] - 1) * r["decode_s"] + r["analysis_s"] + r["switch_s"] for p, r in zip(profiles, timed)}
+                latency = {p: r["ttft_s"] + (n - 1) * r["decode_s"] + r["analysis_s"] + r["switch_s"] for p, r in zip(profiles, timed)}
                 source, telemetry = "measured", timed[0]["context_telemetry"]  # type: ignore[index]
             else:
                 a, b = models.analysis[load]
                 analysis = max(a + b * min(q["prompt_tokens"], 64), 0.0)
                 latency = {p: models.fits[load][p].predict(q["input_tokens"], n) + analysis + models.switch_s for p in profiles}
                 source, telemetry = "modelled", _pick(readings[load], key)
+            telemetry = {k: round(float(v), 3) for k, v in telemetry.items()}  # a few MB for the whole file
             for p in profiles:
                 yield {
                     "prompt_id": q["prompt_id"], "prompt_key": key, "split": q["split"], "category": q["category"], "load": int(load),
-                    "profile": p, "latency_s": latency[p], "latency_source": source, "baseline_latency_s": latency[FULL],
-                    "predicted_full_s": predicted_full, "ppl": q["ppl"][p], "kl": q["kl"][p], "baseline_ppl": q["ppl"][FULL],
-                    "prompt_tokens": q["prompt_tokens"], "input_tokens": q["input_tokens"], "prompt_ppl": q["prompt_ppl"],
+                    "profile": p, "latency_s": round(latency[p], 5), "latency_source": source,
+                    "baseline_latency_s": round(latency[FULL], 5), "predicted_full_s": round(predicted_full, 5),
+                    "ppl": round(q["ppl"][p], 5), "kl": round(q["kl"][p], 6), "baseline_ppl": round(q["ppl"][FULL], 5),
+                    "prompt_tokens": q["prompt_tokens"], "input_tokens": q["input_tokens"], "prompt_ppl": round(q["prompt_ppl"], 4),
                     "telemetry": telemetry,
                 }
 
@@ -309,11 +316,12 @@ def recording_header(model: str, bank: Any, profiles: list[str], config: RecordC
         "versions": {"casrap": casrap.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "config": asdict(config), "prompts": {"train": splits.count("train"), "test": splits.count("test")},
-        "loads": {"unit": "background worker processes, each burning one core at 100% duty", "levels": list(config.loads)},
+        "loads": {"unit": "background worker processes, each burning one core at 100% duty",
+                  "levels": sorted({int(r["load"]) for r in timing})},
         "how_measured": {
             "quality": "teacher-forced ppl and mean KL of the full model's greedy answer (max_new_tokens, EOS ignored) under each "
                        "profile, one forward pass per prompt and profile, measured for every prompt (load-independent)",
-            "latency": "TTFT + (new_tokens - 1) x median decode step + the router's prompt analysis + profile switch; "
+            "latency": "TTFT + (max_new_tokens - 1) x median decode step (timed generations may be shorter: timing_tokens) + the router's prompt analysis + profile switch; "
                        "'measured' records were timed with profiles interleaved in a rotating order per (prompt, load) context; "
                        "'modelled' records use the per-(profile, load) fit in latency_models, whose leave-one-prompt-out "
                        "relative error on measured contexts is loo_errors",

@@ -52,8 +52,10 @@ def check_prompt_fits(model: Any, prompt_tokens: int, new_tokens: int) -> None:
 
 
 @torch.inference_mode()
-def generate_fixed(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None = None) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens (EOS ignored)."""
+def generate_fixed(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None = None,
+                   **generate_kwargs: Any) -> torch.Tensor:
+    """Greedy generation of exactly ``new_tokens`` tokens (EOS ignored); ``generate_kwargs``
+    pass through (e.g. a static cache and compile config)."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     return model.generate(
@@ -64,17 +66,19 @@ def generate_fixed(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_tok
         do_sample=False,
         pad_token_id=pad_token_id if pad_token_id is not None else 0,
         eos_token_id=None,
+        **generate_kwargs,
     )
 
 
 def timed_generate(
-    model: Any, input_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter, pad_token_id: int | None = None
+    model: Any, input_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter, pad_token_id: int | None = None,
+    **generate_kwargs: Any,
 ) -> tuple[float, torch.Tensor]:
     """One timed greedy generation; returns (seconds, output ids)."""
     device = next(model.parameters()).device
     _sync(device)
     start = clock()
-    out = generate_fixed(model, input_ids, new_tokens, pad_token_id)
+    out = generate_fixed(model, input_ids, new_tokens, pad_token_id, **generate_kwargs)
     _sync(device)
     return clock() - start, out
 

@@ -13,6 +13,7 @@ profile is invalid under another.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +24,22 @@ import torch
 from torch import nn
 
 from casrap.errors import CheckpointError, InputError, UnsupportedModelError
+from casrap.heal.adapter import load_adapter, merge_adapter_into, plan_adapter_path
 from casrap.models.architecture import decoder_layers, describe, head_dim_of, model_key
+from casrap.paths import casrap_home
 from casrap.profiles.catalogue import FULL
 from casrap.profiles.plan import PruningPlan
 from casrap.pruners.ffn import build_mlp
 from casrap.pruners.heads import build_attention, check_gqa_integrity
+from casrap.pruners.importance import CALIBRATION_VERSION, Importance
 from casrap.pruners.lowrank import LowRankBasis, factorise_layer, load_or_fit_basis
 from casrap.pruners.modules import shell
+from casrap.pruners.reorder import is_reordered, kept_order, reorder_model
+from casrap.pruners.sparse24 import (
+    check_sparse24_supported,
+    sparse24_layers,
+    sparsify_mlp,
+)
 
 
 @dataclass
@@ -43,10 +53,16 @@ class Profile:
         return self.plan.name
 
 
-def _unique_tensors(modules: nn.Module) -> dict[int, torch.Tensor]:
-    found: dict[int, torch.Tensor] = {}
+def _unique_storages(modules: nn.Module) -> dict[int, int]:
+    """Storage address -> bytes of every distinct storage the modules' tensors live in.
+
+    Keyed by storage, not tensor: a profile's view of a base weight (zero-copy slice)
+    has its own ``data_ptr`` but shares the base's storage, and costs nothing.
+    """
+    found: dict[int, int] = {}
     for tensor in list(modules.parameters()) + list(modules.buffers()):
-        found[tensor.data_ptr()] = tensor
+        storage = tensor.untyped_storage()
+        found[storage.data_ptr()] = storage.nbytes()
     return found
 
 
@@ -73,7 +89,8 @@ class ProfileBank:
         self.model = model
         self.base_model = base_model
         self.info = describe(model)
-        self.fingerprint = model_key(model)
+        # a reordered model keeps the fingerprint it had before (plans and caches are keyed to it)
+        self.fingerprint = getattr(model, "casrap_fingerprint", None) or model_key(model)
         self.head_dim = head_dim_of(model)
         self._full_layers = decoder_layers(model)
         self._full_count = int(model.config.num_hidden_layers)
@@ -84,6 +101,10 @@ class ProfileBank:
         # PCA bases for rank plans; loaded from the cache on the first rank plan, or set
         # by build_bank (which can fit it, having a tokenizer). Not needed after building.
         self.lowrank_basis: LowRankBasis | None = None
+        # zero-copy profiles (casrap.pruners.reorder): set by reorder(); modules built by copying
+        self.reorder_info: dict[str, Any] = {}
+        self.auto_reorder = os.environ.get("CASRAP_REORDER", "1").strip().lower() not in {"0", "false", "no"}
+        self.copied_modules: dict[str, int] = {}
 
     def require_lowrank_basis(self) -> LowRankBasis:
         """The PCA basis rank plans build from: the one set, else the cached one (one-line error if none)."""
@@ -103,8 +124,16 @@ class ProfileBank:
             )
         info = self.info
         plan.validate(info.layers, info.query_heads, info.kv_heads, info.ffn_width)
+        sparse = sparse24_layers(plan)
+        if sparse and not plan.functional:
+            reason = check_sparse24_supported(self._full_layers, sparse)
+            if reason:
+                raise UnsupportedModelError(f"profile {plan.name!r}: {reason}")
+        if not plan.functional:
+            self._maybe_reorder(plan)
         start = time.perf_counter()
-        if plan.is_identity:
+        adapter = plan_adapter_path(plan)  # healed plans: a LoRA merged into the profile's own copies
+        if plan.is_identity and adapter is None and not sparse:
             layers = self._full_layers
         else:
             kept = [i for i in range(len(self._full_layers)) if i not in set(plan.skip_layers)]
@@ -121,10 +150,16 @@ class ProfileBank:
                 layer.self_attn.layer_idx = new_index
                 if i in plan.ffn:
                     layer.mlp = build_mlp(original.mlp, plan.ffn[i], plan.functional)
+                if i in sparse:
+                    sparsify_mlp(layer, original, plan.functional)
                 if i in plan.ranks:
                     factorise_layer(layer, original, plan.ranks[i], self.require_lowrank_basis(), i)
                 built.append(layer)
             layers = nn.ModuleList(built)
+            self.copied_modules[plan.name] = sum(
+                1 for layer in built for m in (layer.self_attn, layer.mlp) if getattr(m, "casrap_zero_copy", None) is False)
+            if adapter is not None:
+                merge_adapter_into(layers, plan, load_adapter(adapter))
         profile = Profile(plan, layers, time.perf_counter() - start)
         self._profiles[plan.name] = profile
         return profile
@@ -196,12 +231,99 @@ class ProfileBank:
         return self.weight_bytes_per_token(FULL) / self.weight_bytes_per_token(name)
 
     def memory_overhead_bytes(self, name: str | None = None) -> int:
-        """Bytes held by profile(s) beyond the base model's own tensors."""
-        base = _unique_tensors(self._full_layers)
+        """Bytes held by profile(s) beyond the base model's own tensors (unique storages)."""
+        base = _unique_storages(self._full_layers)
         names = [name] if name else [n for n in self._profiles if n != FULL]
-        extra: dict[int, torch.Tensor] = {}
+        extra: dict[int, int] = {}
         for n in names:
-            for ptr, tensor in _unique_tensors(self._profiles[n].layers).items():
+            for ptr, size in _unique_storages(self._profiles[n].layers).items():
                 if ptr not in base:
-                    extra[ptr] = tensor
-        return sum(t.numel() * t.element_size() for t in extra.values())
+                    extra[ptr] = size
+        return sum(extra.values())
+
+    def profile_weight_bytes(self, name: str) -> int:
+        """Bytes of the storages a profile runs on (its layers, embeddings, norm, head):
+        what must stay resident for it, shared or not."""
+        found = _unique_storages(self.profile(name).layers)
+        for key, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if ".layers." not in key:
+                storage = tensor.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+        return sum(found.values())
+
+    def base_weight_bytes(self) -> int:
+        """Bytes of the base model's own tensors (every unique storage of the model)."""
+        return sum(_unique_storages(self.model).values())
+
+    def kept_order(self, name: str, layer: int) -> dict[str, list[int]]:
+        """Original FFN channels / query heads / kv heads held by a built profile's module
+        of base layer ``layer``, in the module's order (``{}`` where nothing is sliced).
+
+        Healing and other per-module code use it to lay data stored in a plan's index
+        order out in module order (:func:`casrap.pruners.reorder.plan_to_module_order`).
+        """
+        plan = self.profile(name).plan
+        if layer in plan.skip_layers:
+            raise InputError(f"profile {name!r} skips layer {layer}")
+        position = sum(1 for i in range(layer) if i not in set(plan.skip_layers))
+        return kept_order(self.profile(name).layers[position])
+
+    # ------------------------------------------------------------- reordering
+    def reorder(self, importance: Any, probe_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Lay the base model's FFN channels and heads out by ``importance`` (once), so that
+        profiles built from the same importance are views of the base tensors.
+
+        Refused once a profile holds sliced, masked or factorised modules (their layouts
+        would go stale). Returns (and keeps in ``reorder_info``) the largest logit
+        difference of the reordered model from the original on ``probe_ids`` (default: 32
+        fixed token ids): float summation order only.
+        """
+        if self.reorder_info:
+            return self.reorder_info
+        if any(p.plan.heads or p.plan.ffn or p.plan.ranks or p.plan.meta.get("adapter") for n, p in self._profiles.items() if n != FULL):
+            raise InputError("reorder the bank before adding head, FFN, low-rank or healed profiles")
+        if probe_ids is None:
+            vocab = int(self.model.config.vocab_size)
+            probe_ids = (torch.arange(1, 33) * 7919 % vocab).unsqueeze(0)
+        device = next(self.model.parameters()).device
+        self.activate(FULL)
+        with torch.inference_mode():
+            before = self.model(probe_ids.to(device), use_cache=False).logits.float()
+        start = time.perf_counter()
+        self.model.casrap_fingerprint = self.fingerprint
+        reorder_model(self.model, importance, self.head_dim)
+        seconds = time.perf_counter() - start
+        with torch.inference_mode():
+            after = self.model(probe_ids.to(device), use_cache=False).logits.float()
+        self.reorder_info = {
+            "importance": importance.source,
+            "max_abs_logit_diff": float((after - before).abs().max()),
+            "probe_tokens": int(probe_ids.numel()),
+            "seconds": seconds,
+        }
+        return self.reorder_info
+
+    def _maybe_reorder(self, plan: PruningPlan) -> None:
+        """Reorder by the cached calibration this plan was built from, if there is one.
+
+        Lazy so that every way of filling a bank (factory, bundle, search) gets lean
+        profiles; ``CASRAP_REORDER=0`` turns it off. A plan from other importance (weight
+        norms, another calibration) is built by copying, as before.
+        """
+        if self.reorder_info or not self.auto_reorder or not (plan.ffn or plan.heads) or plan.ranks:
+            return
+        if is_reordered(self.model) or any(p.plan.heads or p.plan.ffn or p.plan.ranks or p.plan.meta.get("adapter")
+                                           for n, p in self._profiles.items() if n != FULL):
+            return
+        source = str(plan.meta.get("importance", ""))
+        if not source.startswith("calibrated"):
+            return
+        path = casrap_home() / "calibration" / f"{self.fingerprint}-cal{CALIBRATION_VERSION}.safetensors"
+        if not path.is_file():
+            return
+        try:
+            importance = Importance.load(path, expected_key=self.fingerprint)
+        except CheckpointError:
+            return
+        if importance.source == source:
+            self.reorder(importance)

@@ -11,7 +11,12 @@ A profile spec is ``KIND-PERCENT``:
   removed by LLM-Sieve low-rank projections, ranks allocated to minimise the summed
   relative output error on calibration text (:func:`casrap.pruners.lowrank.allocate_ranks`);
   always structural (there is no masked form), needs the model's cached PCA basis;
-- ``none``      the full model.
+- ``sparse24-P`` the MLP weights of the P% least influential layers made 2:4 sparse
+  (semi-structured sparse tensors: NVIDIA GPUs, compute capability >= 8.0; elsewhere a
+  one-line error, and with ``STRUCTURAL_PRUNING=0`` a masked form for quality only);
+- ``none``      the full model;
+- a shipped plan's name (``ga-rates-40``, ``ga-layers-20``, ...): a plan JSON inside the
+  package for one model (:mod:`casrap.profiles.shipped`), refused on another model.
 
 Head specs rank units globally across layers; a ``:layer`` suffix (``heads-33:layer``)
 removes the same number from every layer instead (uniform shapes, exportable).
@@ -25,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import Any
 
 from casrap.errors import CheckpointError, InputError
 from casrap.models.architecture import ArchitectureInfo
@@ -34,12 +40,14 @@ from casrap.pruners.heads import plan_kv_groups, plan_query_heads
 from casrap.pruners.importance import Importance
 from casrap.pruners.layers import plan_skip_layers
 from casrap.pruners.lowrank import LowRankBasis, allocate_ranks, removed_fraction
+from casrap.profiles.shipped import is_shipped, load_shipped, shipped_names
 
 FULL = "none"
 CASRAP_V22 = ["none", "heads-5", "heads-10", "heads-15", "layers-5", "layers-10", "ffn-5", "ffn-8"]
 TRADE_OFF = ["heads-25", "heads-50", "kvheads-33", "layers-25", "layers-50", "ffn-25", "ffn-50"]
-KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers", "lowrank")
-_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers|lowrank)-(\d+(?:\.\d+)?)(:layer)?$")
+KINDS = ("heads", "kvheads", "ffn", "ffnmask", "layers", "lowrank", "sparse24")
+SHIPPED = "shipped"  # parse_spec's kind for a shipped plan's name
+_SPEC = re.compile(r"^(heads|kvheads|ffn|ffnmask|layers|lowrank|sparse24)-(\d+(?:\.\d+)?)(:layer)?$")
 
 
 def structural_default() -> bool:
@@ -52,7 +60,9 @@ def parse_spec(spec: str) -> tuple[str, float]:
         return FULL, 0.0
     match = _SPEC.match(spec.strip())
     if not match:
-        raise InputError(f"unknown profile {spec!r}: use none or KIND-PERCENT with KIND in {', '.join(KINDS)}")
+        if is_shipped(spec.strip()):
+            return SHIPPED, 0.0
+        raise InputError(f"unknown profile {spec!r}: use none, KIND-PERCENT with KIND in {', '.join(KINDS)}, or a shipped plan's name")
     percent = float(match.group(2))
     if not 0 < percent < 100:
         raise InputError(f"profile {spec!r}: percentage must be between 0 and 100")
@@ -66,12 +76,17 @@ def build_plan(
     base_model: str = "",
     structural: bool | None = None,
     lowrank_basis: LowRankBasis | None = None,
+    fingerprint: str | None = None,
 ) -> PruningPlan:
     """Turn a spec like ``heads-10`` into a plan for this model and importance.
 
-    ``lowrank-P`` uses ``lowrank_basis`` (PCA eigenvalues) instead of importance.
+    ``lowrank-P`` uses ``lowrank_basis`` (PCA eigenvalues) instead of importance. A
+    shipped plan's name loads that plan, checked against ``fingerprint`` (else the
+    importance's model key): a plan made for another model is a one-line error.
     """
     kind, fraction = parse_spec(spec)
+    if kind == SHIPPED:
+        return load_shipped(spec.strip(), fingerprint or (importance.model_key if importance else None), base_model)
     functional = not (structural_default() if structural is None else structural)
     meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source if importance else ""}
     plan = PruningPlan(name=spec, base_model=base_model, meta=meta)
@@ -107,6 +122,14 @@ def build_plan(
         plan.functional = functional or kind == "ffnmask"
         per_layer = removed // info.layers if info.layers else 0
         plan.description = f"{per_layer}/{info.ffn_width} FFN channels per layer {'masked' if plan.functional else 'sliced'}"
+    elif kind == "sparse24":  # 2:4 semi-structured MLPs (GPU kernels; masked form anywhere): casrap.pruners.sparse24
+        from casrap.pruners.sparse24 import META_KEY, plan_sparse24_layers
+
+        plan.meta[META_KEY] = plan_sparse24_layers(importance.layers, fraction)
+        plan.functional = functional
+        plan.description = (f"2:4 sparse MLP weights ({'masked' if functional else 'semi-structured'}) in "
+                            f"{len(plan.meta[META_KEY])}/{info.layers} layers: {plan.meta[META_KEY]}")
+        return plan
     else:
         plan.skip_layers = plan_skip_layers(importance.layers, fraction)
         plan.description = f"{len(plan.skip_layers)}/{info.layers} layers skipped: {plan.skip_layers}"
@@ -116,3 +139,14 @@ def build_plan(
     if plan.functional and plan.heads:
         plan.description += " (masked)"
     return plan
+
+
+def default_catalogue(model: Any = None) -> list[str]:
+    """The env's default action catalogue: CASRAP v2.2 plus every shipped plan for ``model``.
+
+    ``model``: a fingerprint (``llama-30L-...``), a model spec (``smollm2-135m``), or a
+    loaded model; ``None`` gives CASRAP v2.2 alone.
+    """
+    if model is None:
+        return list(CASRAP_V22)
+    return [*CASRAP_V22, *(n for n in shipped_names(model) if n not in CASRAP_V22)]

@@ -38,8 +38,17 @@ def export_blocker(bank: ProfileBank, name: str) -> str | None:
     return None
 
 
-def export_checkpoint(bank: ProfileBank, name: str, directory: Path, tokenizer: Any | None = None) -> Path:
-    """Write ``directory`` loadable by ``AutoModelForCausalLM.from_pretrained``."""
+def export_checkpoint(bank: ProfileBank, name: str, directory: Path, tokenizer: Any | None = None, merge: bool = True) -> Path:
+    """Write ``directory`` loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    A healed profile (its plan names a LoRA adapter) is written with the adapter merged
+    into the weights (``merge``, the default: a plain checkpoint), or as the unhealed
+    pruned checkpoint plus the PEFT adapter in ``directory/adapter``, loadable with
+    ``PeftModel.from_pretrained(model, directory / "adapter")``.
+    """
+    plan = bank.profile(name).plan
+    if plan.meta.get("adapter") and not merge:
+        return _export_unmerged(bank, name, Path(directory), tokenizer)
     reason = export_blocker(bank, name)
     if reason:
         raise InputError(f"profile {name!r} cannot be exported as a plain checkpoint: {reason}")
@@ -64,4 +73,36 @@ def export_checkpoint(bank: ProfileBank, name: str, directory: Path, tokenizer: 
     fresh.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _export_unmerged(bank: ProfileBank, name: str, directory: Path, tokenizer: Any | None) -> Path:
+    """The pruned checkpoint without the adapter, and the adapter folder beside it."""
+    import json
+    import shutil
+
+    from casrap.heal.adapter import plan_adapter_path
+
+    plan = bank.profile(name).plan
+    adapter = plan_adapter_path(plan)
+    bare = copy.deepcopy(plan)
+    bare.name = f"{plan.name} (unhealed)"
+    bare.meta = {k: v for k, v in plan.meta.items() if k != "adapter"}
+    scratch = ProfileBank(bank.model, base_model=bank.base_model)  # shares every tensor; built for this export only
+    scratch.add(bare)
+    export_checkpoint(scratch, bare.name, directory, tokenizer)
+    target = directory / "adapter"
+    shutil.copytree(adapter, target, dirs_exist_ok=True)
+    # the adapter is stored in plan order; the checkpoint holds the (possibly reordered) module order
+    from safetensors.torch import load_file, save_file
+
+    from casrap.heal.adapter import ADAPTER_WEIGHTS, factors_to_plan_order
+
+    weights = target / ADAPTER_WEIGHTS
+    state = factors_to_plan_order(load_file(str(weights)), scratch.profile(bare.name).layers, bare, inverse=True)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config_path = target / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(directory.resolve())
+    config_path.write_text(json.dumps(config, indent=2))
     return directory

@@ -136,19 +136,6 @@ def load_shipped(name: str, fingerprint: str | None = None, spec: str = "") -> P
     raise CheckpointError(f"shipped plan {name!r} was made for {made_for}, not the loaded model ({loaded})")
 
 
-def default_catalogue(model: Any = None) -> list[str]:
-    """The env's default action catalogue: CASRAP v2.2 plus every shipped plan for ``model``.
-
-    ``model``: a fingerprint (``llama-30L-...``), a model spec (``smollm2-135m``), or a
-    loaded model; ``None`` gives CASRAP v2.2 alone.
-    """
-    from casrap.profiles.catalogue import CASRAP_V22
-
-    if model is None:
-        return list(CASRAP_V22)
-    return [*CASRAP_V22, *(n for n in shipped_names(model) if n not in CASRAP_V22)]
-
-
 def package_plans_dir(model_dir: str) -> Path:
     """``casrap/data/plans/<model_dir>/`` in the source tree (where ``casrap search --ship`` writes)."""
     path = Path(str(resources.files("casrap.data").joinpath(PLANS_DIR))) / model_dir

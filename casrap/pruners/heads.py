@@ -21,6 +21,18 @@ import torch
 from torch import nn
 
 from casrap.pruners.modules import InputMaskedLinear, keep_mask, shell, sliced_linear
+from casrap.pruners.reorder import (
+    KEPT_KV,
+    KEPT_Q,
+    KV_ORDER,
+    Q_ORDER,
+    GroupedColsLinear,
+    GroupedRowsLinear,
+    head_orders,
+    inverse,
+    prefix_length,
+    view_linear,
+)
 
 
 def _channels(heads: list[int], head_dim: int) -> list[int]:
@@ -101,25 +113,68 @@ def plan_kv_groups(
     return plan, count * group_size
 
 
-def build_attention(attn: nn.Module, kept: dict[str, list[int]], head_dim: int, functional: bool) -> nn.Module:
-    """A shell of ``attn`` running only the kept heads (or masking the others)."""
+def build_attention(attn: nn.Module, kept: dict[str, list[int]], head_dim: int, functional: bool, keep_order: bool = False) -> nn.Module:
+    """A shell of ``attn`` running only the kept heads (or masking the others).
+
+    ``kept`` names original heads. On a reordered base (:mod:`casrap.pruners.reorder`)
+    whose kept kv groups are a prefix of its layout and whose kept query heads are a
+    prefix of every kept group, q/k/v/o are views of the base weights
+    (``casrap_zero_copy``); k/v are the base modules themselves when every kv head is
+    kept. Otherwise the kept heads are copied. ``casrap_kept_q`` / ``casrap_kept_kv``
+    list the original heads held at each of the module's head positions. ``keep_order``
+    holds the heads in the order of ``kept`` instead (copies on a reordered base).
+    """
     kv, q = kept["kv"], kept["q"]
+    q_order, kv_order = head_orders(attn)
+    total_q = attn.q_proj.out_features // head_dim
+    total_kv = attn.k_proj.out_features // head_dim
+    old_group = total_q // total_kv
     new = shell(attn)
-    if functional:
-        total_q = attn.q_proj.out_features // head_dim
-        new.o_proj = InputMaskedLinear(attn.o_proj, keep_mask(total_q * head_dim, _channels(q, head_dim)))
+    for attr in (Q_ORDER, KV_ORDER):
+        new.__dict__.pop(attr, None)
+    new.casrap_zero_copy = False
+    q_pos = inverse(q_order, total_q)[torch.as_tensor(q, dtype=torch.long)].tolist()
+    kv_pos = inverse(kv_order, total_kv)[torch.as_tensor(kv, dtype=torch.long)].tolist()
+    if not keep_order:
+        q_pos, kv_pos = sorted(q_pos), sorted(kv_pos)
+    if functional:  # masks copy no weights
+        new.casrap_zero_copy = None
+        new.o_proj = InputMaskedLinear(attn.o_proj, keep_mask(total_q * head_dim, _channels(q_pos, head_dim)))
+        setattr(new, KEPT_Q, q_order.tolist() if q_order is not None else list(range(total_q)))
+        setattr(new, KEPT_KV, kv_order.tolist() if kv_order is not None else list(range(total_kv)))
         return new
-    old_group = attn.num_key_value_groups
     if len(q) % len(kv):
         raise ValueError("kept query heads must divide evenly over kept kv heads")
     for head in q:
         if head // old_group not in kv:
             raise ValueError(f"query head {head} belongs to a removed kv head")
-    new.q_proj = sliced_linear(attn.q_proj, rows=_channels(q, head_dim))
-    new.k_proj = sliced_linear(attn.k_proj, rows=_channels(kv, head_dim))
-    new.v_proj = sliced_linear(attn.v_proj, rows=_channels(kv, head_dim))
-    new.o_proj = sliced_linear(attn.o_proj, cols=_channels(q, head_dim))
+    per_group = len(q) // len(kv)
+    groups = prefix_length(kv_pos)
+    in_group = [p - (p // old_group) * old_group for p in q_pos]
+    if groups is not None and in_group == list(range(per_group)) * groups:
+        if per_group == old_group:
+            new.q_proj = view_linear(attn.q_proj, rows=groups * old_group * head_dim)
+            new.o_proj = view_linear(attn.o_proj, cols=groups * old_group * head_dim)
+        else:
+            new.q_proj = GroupedRowsLinear(attn.q_proj, groups, old_group * head_dim, per_group * head_dim)
+            new.o_proj = GroupedColsLinear(attn.o_proj, groups, old_group * head_dim, per_group * head_dim)
+        if groups == total_kv:  # every kv head kept: the base k/v modules themselves
+            new.k_proj, new.v_proj = attn.k_proj, attn.v_proj
+        else:
+            new.k_proj = view_linear(attn.k_proj, rows=groups * head_dim)
+            new.v_proj = view_linear(attn.v_proj, rows=groups * head_dim)
+        new.casrap_zero_copy = True
+    else:
+        new.q_proj = sliced_linear(attn.q_proj, rows=_channels(q_pos, head_dim))
+        if kv_pos == list(range(total_kv)):
+            new.k_proj, new.v_proj = attn.k_proj, attn.v_proj
+        else:
+            new.k_proj = sliced_linear(attn.k_proj, rows=_channels(kv_pos, head_dim))
+            new.v_proj = sliced_linear(attn.v_proj, rows=_channels(kv_pos, head_dim))
+        new.o_proj = sliced_linear(attn.o_proj, cols=_channels(q_pos, head_dim))
     new.num_key_value_groups = len(q) // len(kv)
+    setattr(new, KEPT_Q, q_order[q_pos].tolist() if q_order is not None else q_pos)
+    setattr(new, KEPT_KV, kv_order[kv_pos].tolist() if kv_order is not None else kv_pos)
     assert new.q_proj.out_features == new.k_proj.out_features * new.num_key_value_groups
     return new
 

@@ -56,7 +56,7 @@ class Importance:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 tensors = {k: handle.get_tensor(k) for k in ("heads", "ffn", "layers")}
-        except Exception as err:  # noqa: BLE001 - any read failure is a bad file
+        except Exception as err:
             raise CheckpointError(f"calibration file {path} is unreadable: {err}") from err
         if expected_key and meta.get("model_key") != expected_key:
             raise CheckpointError(
@@ -90,11 +90,23 @@ def weight_norm_importance(model: Any) -> Importance:
         gate = layer.mlp.gate_proj.weight.detach().float().norm(dim=1)
         up = layer.mlp.up_proj.weight.detach().float().norm(dim=1)
         ffn.append(down * gate * up)
+    heads_t, ffn_t = _in_original_order(layers, torch.stack(heads), torch.stack(ffn))
+    heads, ffn = list(heads_t), list(ffn_t)
     n = len(layers)
     # without data, later layers are assumed less influential (a weak prior, stated)
     influence = torch.linspace(1.0, 0.5, n)
     influence[0] = influence[-1] = 2.0
     return Importance(torch.stack(heads), torch.stack(ffn), influence, "weight-norm", model_key(model))
+
+
+def _in_original_order(layers: Any, heads: torch.Tensor, ffn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position statistics of a reordered model (casrap.pruners.reorder) in original
+    head/channel order: importance always names original units, like plans."""
+    from casrap.pruners.reorder import ffn_order, head_orders, to_original
+
+    heads = torch.stack([to_original(h, head_orders(layer.self_attn)[0]) for h, layer in zip(heads, layers)])
+    ffn = torch.stack([to_original(f, ffn_order(layer.mlp)) for f, layer in zip(ffn, layers)])
+    return heads, ffn
 
 
 @torch.inference_mode()
@@ -184,6 +196,7 @@ def calibrate(
         (sq / token_count).sqrt() * layer.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()
         for sq, layer in zip(ffn_sq, layers)
     ])
+    heads, ffn = _in_original_order(layers, heads, ffn)
     return Importance(heads, ffn, influence / token_count, f"calibrated:{len(texts)}", model_key(model))
 
 

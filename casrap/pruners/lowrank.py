@@ -49,6 +49,7 @@ from casrap.errors import CheckpointError
 from casrap.models.architecture import decoder_layers, model_key
 from casrap.paths import casrap_home
 from casrap.pruners.importance import forward_over_texts
+from casrap.pruners.reorder import inverse, output_order
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def rank_for_rate(rate: float, d_in: int, d_out: int) -> int | None:
 
 def _parent(name: str) -> str:
     return "self_attn" if name in ATTENTION else "mlp"
+
+
+def layout_vectors(vectors: torch.Tensor, layer: nn.Module, name: str) -> torch.Tensor:
+    """Basis rows (original output order) in the layout of a possibly reordered base layer."""
+    order = output_order(layer, name)
+    return vectors if order is None else vectors.index_select(0, order.to(vectors.device))
 
 
 # ------------------------------------------------------------------ the module
@@ -179,7 +186,7 @@ class LowRankBasis:
         with torch.no_grad():
             for (layer, name), m in self.matrices.items():
                 weight = getattr(getattr(layers[layer], _parent(name)), name).weight
-                m.projected = m.vectors.to(weight.device, torch.float32).T @ weight.float()
+                m.projected = layout_vectors(m.vectors, layers[layer], name).to(weight.device, torch.float32).T @ weight.float()
 
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
@@ -209,7 +216,7 @@ class LowRankBasis:
                     layer, name = key.split(".", 1)
                     matrices[(int(layer), name)] = MatrixBasis(
                         handle.get_tensor(f"{key}.vectors"), handle.get_tensor(f"{key}.energy"), int(width))
-        except Exception as err:  # noqa: BLE001 - any read failure is a bad file
+        except Exception as err:
             raise CheckpointError(f"low-rank basis file {path} is unreadable: {err}") from err
         if expected_key and meta.get("model_key") != expected_key:
             raise CheckpointError(f"low-rank basis {path} was made for another model ({meta.get('model_key')}); delete it to refit")
@@ -244,8 +251,15 @@ def fit_basis(
     firsts: dict[Key, list[torch.Tensor]] = {}
 
     def hook(key: Key) -> Callable[..., None]:
+        # on a reordered model (casrap.pruners.reorder) outputs come in layout order: the
+        # basis is kept in original order, so that it is the same whichever layout fitted it
+        order = output_order(layers[key[0]], key[1])
+        inv = inverse(order, order.numel()) if order is not None else None
+
         def inner(module: Any, args: Any, output: torch.Tensor) -> None:
             y = output.detach().float()
+            if inv is not None:
+                y = y.index_select(-1, inv.to(y.device))
             firsts[key].append(y[:, 0].cpu())
             rest = y[:, 1:].reshape(-1, y.shape[-1])
             second[key].addmm_(rest.T, rest)
@@ -321,7 +335,8 @@ def factorise_layer(layer: nn.Module, original: nn.Module, ranks: dict[str, int]
             continue  # would not reduce parameters: stays dense
         source = getattr(getattr(original, _parent(name)), name)
         projected = entry.projected[:rank] if entry.projected is not None else None
-        setattr(getattr(layer, _parent(name)), name, factorise(source, entry.vectors[:, :rank], projected))
+        vectors = layout_vectors(entry.vectors[:, :rank], original, name)
+        setattr(getattr(layer, _parent(name)), name, factorise(source, vectors, projected))
 
 
 # ----------------------------------------------------------------- allocations

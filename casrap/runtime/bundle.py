@@ -52,10 +52,10 @@ class RuntimeDefaults:
     """What the runtime does when a request leaves something out.
 
     Attributes:
-        budget_ratio: latency budget as a multiple of the full model's estimated
-            latency when a request names no target. The upper end of the training
-            range: generous enough that the policy keeps quality on simple questions,
-            inside the range the policy has seen.
+        budget_ratio: latency target as a multiple of the predicted *unloaded*
+            full-model latency when a request names no target. The upper end of the
+            training range: generous enough that the policy keeps quality when the
+            machine is free, inside the range the policy has seen.
         max_new_tokens: new tokens when a request names no limit.
         analysis_tokens: leading prompt tokens scored for the perplexity feature
             (as in training).
@@ -64,7 +64,7 @@ class RuntimeDefaults:
             towards faster profiles.
     """
 
-    budget_ratio: float = 1.1
+    budget_ratio: float = 3.0
     max_new_tokens: int = 64
     analysis_tokens: int = 64
     queue_weight: float = 0.5

@@ -1,8 +1,10 @@
 """``casrap loadtest``: the policy against the full model and every static profile, under load.
 
 Protocol (per held-out prompt, test split only): a *reference* full-model run gives
-the full model's answer and its latency now; the prompt's target is that latency
-times a ratio drawn (seeded) from ``budget_range``; then every runner (the policy,
+the full model's answer; the prompt's target is an absolute one, as a client would
+set it: the *unloaded* full model's predicted latency for this prompt length
+(:class:`casrap.measure.latency_model.UnloadedLatencyModel`) times a ratio drawn
+(seeded) from ``budget_range``; then every runner (the policy,
 the full model again, each static profile) answers the same prompt with a fixed
 number of new tokens (EOS ignored, so latencies compare), in an order rotated per
 prompt so that drift in machine load hits every runner alike. Quality is the KL
@@ -40,7 +42,7 @@ class LoadTestConfig:
     Attributes:
         prompts: held-out prompts (test split of the bundled set, or ``source``).
         max_new_tokens: tokens per request, EOS ignored.
-        budget_range: targets as multiples of the reference full-model latency.
+        budget_range: targets as multiples of the predicted unloaded full-model latency.
         background_load: CPU burn intensity of each background worker (0 = none).
         load_workers: background worker processes.
         static: static profiles to compare (empty = every profile of the bundle).
@@ -51,7 +53,7 @@ class LoadTestConfig:
 
     prompts: int = 8
     max_new_tokens: int = 32
-    budget_range: tuple[float, float] = (0.6, 1.1)
+    budget_range: tuple[float, float] = (0.5, 3.0)
     background_load: float = 1.0
     load_workers: int = 1
     static: list[str] = field(default_factory=list)
@@ -172,7 +174,7 @@ def run_loadtest(
         for i, prompt in enumerate(chosen):
             reference = in_process_runner(lm)(prompt.text, n, None, "none")
             ratio = float(rng.uniform(*config.budget_range))
-            target = reference["latency_s"] * ratio
+            target = lm.router.estimate_unloaded(int(reference["prompt_tokens"]), n) * ratio
             kls = _kl_per_profile(lm, prompt.text, reference["token_ids"], list(lm.profiles))
             order = runners[i % len(runners):] + runners[: i % len(runners)]
             for name in order:

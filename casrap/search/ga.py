@@ -257,8 +257,9 @@ def run_binary_ga(
         offspring = [Individual(list(i)) for i in tools.selTournament(pop, len(pop) - 1, tournsize=config.tournament)]
         _vary_bits(offspring, config, rng, lambda ind: repair(ind, rng))
         pop = [Individual(list(e)) for e in elite] + offspring
-    best = max(pop, key=lambda i: i.fitness.values[0])
-    return SearchResult(encoding, list(best), best.fitness.values[0], history, evaluate.evaluations)
+    ranked = sorted(pop, key=lambda i: -i.fitness.values[0])
+    return SearchResult(encoding, list(ranked[0]), ranked[0].fitness.values[0], history, evaluate.evaluations,
+                        final=[(list(i), i.fitness.values[0]) for i in ranked])
 
 
 def run_rates_ga(

@@ -16,6 +16,10 @@ def _ci(row: dict[str, Any], split: str) -> str:
     return f"{row[split]:.3f} [{lo:.3f}, {hi:.3f}] (n={row.get(f'{split}_n')})"
 
 
+def _kl(row: dict[str, Any]) -> str:
+    return f"{row['test_kl']:.3f}" if "test_kl" in row else "-"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# casrap search on {report['model']}", "",
              f"Perplexity data: {report['corpus']} (search / validation / test thirds); importance: {report['importance']}.", ""]
@@ -23,15 +27,21 @@ def markdown(report: dict[str, Any]) -> str:
     if full:
         lines.append(f"Full model perplexity: validation {full['validation']:.3f}, test {full['test']:.3f}.")
         lines.append("")
+    fit = report.get("fitness", {})
+    if fit:
+        budget = f"{fit['time_budget_s']:.0f} s per search" if fit.get("time_budget_s") else "generation cap"
+        lines += [f"Rates / layers fitness: {fit['kind']} on {fit['search_tokens']} search tokens; {budget}; "
+                  f"winner = best validation ppl among the top finalists by search fitness; rule plans seed the search.", ""]
     if "rates_table" in report:
-        lines += ["## Per-layer FFN rates (GA) vs uniform, same FFN sparsity", "",
-                  "| FFN sparsity | method | layer-param sparsity | validation ppl [95% CI] | test ppl [95% CI] |", "|---:|---|---:|---|---|"]
-        lines += [f"| {100 * r['ffn_sparsity']:.0f}% | {r['method']} | {100 * r['sparsity']:.1f}% | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["rates_table"]]
+        lines += ["## Per-layer FFN rates (GA) vs the rules, same FFN sparsity", "",
+                  "| FFN sparsity | method | layer-param sparsity | validation ppl [95% CI] | test ppl [95% CI] | test KL |", "|---:|---|---:|---|---|---:|"]
+        lines += [f"| {100 * r['ffn_sparsity']:.0f}% | {r['method']} | {100 * r['sparsity']:.1f}% | {_ci(r, 'validation')} | {_ci(r, 'test')} | {_kl(r)} |"
+                  for r in report["rates_table"]]
         lines.append("")
     if "layers_table" in report:
-        lines += ["## Layer sets: GA vs last-k vs block influence, same k", "",
-                  "| k | method | layers removed | validation ppl [95% CI] | test ppl [95% CI] |", "|---:|---|---|---|---|"]
-        lines += [f"| {r['k']} | {r['method']} | {r['layers']} | {_ci(r, 'validation')} | {_ci(r, 'test')} |" for r in report["layers_table"]]
+        lines += ["## Layer sets: GA vs the rules (block influence = layers-P), same k", "",
+                  "| k | method | layers removed | validation ppl [95% CI] | test ppl [95% CI] | test KL |", "|---:|---|---|---|---|---:|"]
+        lines += [f"| {r['k']} | {r['method']} | {r['layers']} | {_ci(r, 'validation')} | {_ci(r, 'test')} | {_kl(r)} |" for r in report["layers_table"]]
         lines.append("")
     if "heads_table" in report:
         task = report["heads_task"]

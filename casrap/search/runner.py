@@ -1,8 +1,10 @@
 """``casrap search``: run the encodings on a model, compare with simple rules, save plans.
 
-Data hygiene: perplexity fitness uses the *search* third of the bundled prose (or
-WikiText-2), the winner is checked on *validation*, and the comparison table uses only
-the *test* third; the safety task splits the same way (see :mod:`casrap.search.data`).
+Data hygiene: fitness uses only the *search* split of the bundled prose
+(``prose_split("search")``), the winner is picked on *validation*
+(``prose_split("validation")``), and the comparison tables report *test*
+(``prose_split("test")``) with n tokens; calibration text is never any of them. The
+safety task splits the same way (see :mod:`casrap.search.data`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from casrap.measure.corpus import EVALUATION_SPLITS, OFFLINE_CORPUS, load_corpus, prose_split
+from casrap.measure.corpus import EVALUATION_SPLITS, OFFLINE_CORPUS, prose_split
 from casrap.models.architecture import decoder_layers, describe, head_dim_of
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.plan import PruningPlan
@@ -25,6 +27,7 @@ from casrap.pruners.importance import Importance, load_or_calibrate
 from casrap.pruners.layers import plan_skip_layers, skip_last_layers
 from casrap.search import ga
 from casrap.search.data import LabelledPrompt, load_safety_task
+from casrap.search.evolve import EvolveContext
 from casrap.search.fitness import PerplexityScorer, SafetyScorer, plan_sparsity
 
 ENCODINGS = ("rates", "layers", "heads", "nsga2", "ranks")
@@ -46,19 +49,26 @@ class SearchRun:
     beta: float = 0.5  # heads: weight of the pruned-importance penalty
     ppl_tolerance: float = 0.1  # ranks: binary search keeps search ppl <= (1 + tolerance) x full
     config: ga.SearchConfig = field(default_factory=ga.SearchConfig)
+    fitness: str = "kl"  # rates / layers: kl | ppl | lm-eval (see casrap.search.scoring)
+    time_budget: float | None = None  # seconds per rates / layers search (each target)
+    eval_tokens: int = 0  # validation / test tokens (0 = the whole split)
+    finalists: int = 5  # top genomes by search fitness compared on validation
+    level_step: float = 0.05  # rates: one level of the level-switch mutation
+    model_spec: str = ""  # loader spec Ray workers rebuild the model from
+    workers: int = 0  # Ray workers (0 = evaluate in this process)
+    ray_address: str | None = None  # an existing Ray cluster (None = a local Ray when workers > 0)
+    lm_eval_task: str = "casrap_local"
+    lm_eval_limit: int | None = None
+    ship_dir: Path | None = None  # also write ga-* plans here (casrap/data/plans/<model>/)
 
 
-def token_thirds(tokenizer: Any, tokens: int) -> tuple[str, list[torch.Tensor]]:
-    """Search / validation / test blocks: interleaved thirds of WikiText-2's test split where
-    reachable, else the fixed thirds of the bundled prose (:func:`prose_split`); never
-    calibration text."""
-    corpus = load_corpus("auto")
-    if corpus.name.startswith(OFFLINE_CORPUS):
-        name, texts = OFFLINE_CORPUS, [prose_split(split).text for split in EVALUATION_SPLITS]
-    else:
-        paragraphs = corpus.paragraphs()
-        name, texts = corpus.name, ["\n\n".join(paragraphs[part::3]) for part in range(3)]
-    return name, [tokenizer(text, return_tensors="pt").input_ids[0][:tokens] for text in texts]
+def token_thirds(tokenizer: Any, tokens: int, eval_tokens: int = 0) -> tuple[str, list[torch.Tensor]]:
+    """Search / validation / test blocks from the fixed prose splits (:func:`prose_split`);
+    never calibration text. Search keeps its first ``tokens``; validation and test keep
+    ``eval_tokens`` (0 = the whole split)."""
+    blocks = [tokenizer(prose_split(split).text, return_tensors="pt").input_ids[0] for split in EVALUATION_SPLITS]
+    cut = [tokens, eval_tokens or None, eval_tokens or None]
+    return OFFLINE_CORPUS, [ids[:n] for ids, n in zip(blocks, cut)]
 
 
 @torch.inference_mode()
@@ -138,7 +148,7 @@ def run_search(
     info = describe(model)
     imp = importance or load_or_calibrate(model, tokenizer)[0]
     bank = ProfileBank(model, base_model)
-    corpus_name, (search_ids, val_ids, test_ids) = token_thirds(tokenizer, run.tokens)
+    corpus_name, (search_ids, val_ids, test_ids) = token_thirds(tokenizer, run.tokens, run.eval_tokens)
     ppl = {s: PerplexityScorer(model, ids) for s, ids in zip(("search", "validation", "test"), (search_ids, val_ids, test_ids))}
     n_tok = {s: int(ids.numel() - 1) for s, ids in zip(("search", "validation", "test"), (search_ids, val_ids, test_ids))}
     report: dict[str, Any] = {"model": base_model, "corpus": corpus_name, "importance": imp.source, "config": asdict(run.config), "results": {}}
@@ -156,45 +166,25 @@ def run_search(
                 log(encoding, entry)
         return inner
 
-    if "rates" in run.encodings:
-        rows = []
-        for target in run.sparsities:
-            evaluator = ga.MemoEvaluator(bank, lambda g: ga.rates_plan(g, imp.ffn), lambda p: (-ppl["search"].ppl(), {}))
-            result = ga.run_rates_ga(info.layers, target, evaluator, cfg, note(f"rates-{int(100 * target)}"))
-            best = ga.rates_plan(result.best_genome, imp.ffn)
-            uniform = ga.rates_plan([target] * info.layers, imp.ffn)
-            for method, plan in (("GA per-layer rates", best), ("uniform", uniform)):
-                scores = {s: _ppl_eval(bank, PruningPlan(**{**asdict(plan), "name": "x"}), ppl[s]) for s in ("validation", "test")}
-                rows.append(_row(method, plan_sparsity(plan, info), scores, n_tok) | {"ffn_sparsity": target})
-            name = f"rates-ga-{int(100 * target)}"
-            saved = ga.rates_plan(result.best_genome, imp.ffn, functional=False)
-            saved.name, saved.base_model = name, base_model
-            saved.description = f"GA per-layer FFN rates, {100 * target:.0f}% of FFN channels"
-            saved.meta = {"search": "rates", "rates": result.best_genome, "evaluations": result.evaluations}
-            saved.save(plans_dir / f"{name}.json")
-            report["results"][name] = {"history": [asdict(h) for h in result.history], "rates": result.best_genome}
-        report["rates_table"] = rows
+    if "rates" in run.encodings or "layers" in run.encodings:
+        from casrap.search.evolve import search_layers, search_rates
 
-    if "layers" in run.encodings:
-        rows = []
-        for target in run.sparsities:
-            k = max(1, int(round(target * info.layers)))
-            evaluator = ga.MemoEvaluator(bank, ga.layers_plan, lambda p: (-ppl["search"].ppl(), {}))
-            result = ga.run_binary_ga(f"layers-{k}", info.layers, k / info.layers, lambda g, r: ga.repair_layer_set(g, k, r), evaluator, cfg, note(f"layers-k{k}"))
-            candidates = {
-                "GA layer set": ga.layers_plan(result.best_genome),
-                "last k": PruningPlan(name="x", skip_layers=skip_last_layers(info.layers, k)),
-                "block influence": PruningPlan(name="x", skip_layers=plan_skip_layers(imp.layers, k / info.layers + 1e-9)),
-            }
-            for method, plan in candidates.items():
-                scores = {s: _ppl_eval(bank, plan, ppl[s]) for s in ("validation", "test")}
-                rows.append(_row(method, plan_sparsity(plan, info), scores, n_tok) | {"k": k, "layers": plan.skip_layers})
-            saved = ga.layers_plan(result.best_genome)
-            saved.name, saved.base_model = f"layers-ga-k{k}", base_model
-            saved.description = f"GA layer set, {k} layers skipped: {saved.skip_layers}"
-            saved.save(plans_dir / f"{saved.name}.json")
-            report["results"][saved.name] = {"history": [asdict(h) for h in result.history], "skip": saved.skip_layers}
-        report["layers_table"] = rows
+        context = EvolveContext(bank, tokenizer, imp, info, run, search_ids, val_ids, test_ids, plans_dir, base_model, note)
+        with context:
+            if "rates" in run.encodings:
+                report["rates_table"] = []
+                for target in run.sparsities:
+                    rows, name, result = search_rates(context, target)
+                    report["rates_table"] += rows
+                    report["results"][name] = result
+            if "layers" in run.encodings:
+                report["layers_table"] = []
+                for target in run.sparsities:
+                    rows, name, result = search_layers(context, target)
+                    report["layers_table"] += rows
+                    report["results"][name] = result
+        report["fitness"] = {"kind": run.fitness, "search_tokens": int(search_ids.numel()), "time_budget_s": run.time_budget,
+                             "workers": run.workers, "ray_address": run.ray_address}
 
     if "heads" in run.encodings:
         task = load_safety_task(run.task_data, seed=cfg.seed)
@@ -217,6 +207,8 @@ def run_search(
         evaluator = ga.MemoEvaluator(bank, lambda g: ga.heads_plan(g, info), head_score)
         length = info.layers * info.kv_heads
         result = ga.run_binary_ga("heads", length, 1.0 - target, lambda g, r: ga.repair_heads(g, info.layers, info.kv_heads, r), evaluator, cfg, note("heads"))
+        finalists = list(dict.fromkeys(tuple(g) for g, _ in result.final))[: max(1, run.finalists)]
+        result.best_genome = list(max(finalists, key=lambda g: _task_eval(bank, ga.heads_plan(list(g), info), scorers["validation"])[0]))
         best = ga.heads_plan(result.best_genome, info)
         removed = sum(info.kv_heads - len(v["kv"]) for v in best.heads.values())
         ranked_heads, _ = plan_kv_groups(imp.kv_groups(info.group_size), info.group_size, removed / length + 1e-9)

@@ -1,0 +1,258 @@
+"""LoRA / QLoRA healing of one pruned variant by distillation from the full model.
+
+The student is a *standalone* copy of the pruned variant (a deep copy of the model with
+the profile active), so PEFT's module injection never touches the bank's shared base
+modules; the teacher is the bank's own model with the full profile active. The loss is
+KL(full || pruned) of next-token distributions on every position of the healing text
+(:mod:`casrap.heal.data`), plus ``lm_weight`` times the LM loss if asked.
+
+Resumable: every ``save_every`` steps the LoRA weights, optimiser state, step and data
+order are written to ``OUTPUT/checkpoint.pt``; a rerun with the same settings continues.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from casrap.errors import InputError, UnsupportedModelError
+from casrap.heal.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+log = logging.getLogger(__name__)
+METHODS = ("lora", "qlora")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class HealConfig:
+    """Settings of one healing run.
+
+    Attributes:
+        method: ``lora`` (float base) or ``qlora`` (base in 4-bit NF4 via bitsandbytes).
+        steps: optimiser steps.
+        rank: LoRA rank r (alpha = 2r).
+        lr: AdamW learning rate (cosine decay to 10% after a short warm-up).
+        batch: sequences per step.
+        seq_len: tokens per sequence.
+        targets: projections that get a LoRA (q/k/v/o/gate/up/down_proj).
+        lm_weight: weight of the LM loss added to the KL.
+        samples: answers the full model writes to train prompts as extra healing text.
+        continuations: prose continuations the full model writes from calibration paragraph openings.
+        sample_tokens: new tokens per sampled answer.
+        save_every: steps between resumable checkpoints.
+        seed: data order and LoRA initialisation.
+    """
+
+    method: str = "lora"
+    steps: int = 75
+    rank: int = 8
+    lr: float = 5e-3
+    batch: int = 4
+    seq_len: int = 128
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lm_weight: float = 0.0
+    samples: int = 256
+    continuations: int = 0
+    sample_tokens: int = 128
+    save_every: int = 20
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown healing method {self.method!r}; use lora or qlora")
+        if self.steps < 1 or self.rank < 1 or self.batch < 1 or self.seq_len < 8:
+            raise InputError("healing needs steps >= 1, rank >= 1, batch >= 1 and seq_len >= 8")
+        bad = [t for t in self.targets if t not in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+        if bad or not self.targets:
+            raise InputError(f"healing targets must be among q/k/v/o/gate/up/down_proj, got {self.targets}")
+
+
+@dataclass
+class HealResult:
+    adapter_dir: Path
+    steps: int
+    train_s: float
+    losses: list[float]
+    trainable_parameters: int
+    tokens_seen: int
+    resumed_from: int = 0
+
+
+def check_qlora() -> None:
+    """Raise one line unless bitsandbytes can run NF4 linear layers here."""
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+        from bitsandbytes.nn import Linear4bit
+
+        layer = Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        layer.load_state_dict({"weight": torch.randn(64, 64)}, strict=False)
+        layer = layer.to("cuda" if torch.cuda.is_available() else "cpu")
+        layer(torch.randn(2, 64, device=layer.weight.device))
+    except Exception as err:  # noqa: BLE001 - any failure means "not on this platform"
+        raise UnsupportedModelError(f"qlora needs bitsandbytes NF4 on this platform ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use --method lora") from err
+
+
+def standalone_student(bank: Any, name: str) -> Any:
+    """A deep copy of the model running profile ``name``: nothing shared with the bank."""
+    with bank.using(name):
+        student = copy.deepcopy(bank.model)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return student
+
+
+def quantize_nf4(model: Any) -> int:
+    """Replace every decoder Linear by a bitsandbytes NF4 Linear4bit (QLoRA base); returns count."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    count = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, quant_type="nf4",
+                               compute_dtype=torch.float32, device="meta")
+                q.weight = Params4bit(child.weight.data.to(torch.float32).cpu(), requires_grad=False, quant_type="nf4")
+                device = child.weight.device
+                q = q.to(device)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, q)
+                count += 1
+    return count
+
+
+def _lr_at(step: int, cfg: HealConfig) -> float:
+    warm = max(1, cfg.steps // 20)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, lm_weight: float) -> torch.Tensor:
+    """Mean per-token KL(teacher || student), plus ``lm_weight`` x next-token cross-entropy."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    loss = F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
+    if lm_weight:
+        loss = loss + lm_weight * F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return loss
+
+
+def heal_profile(
+    bank: Any,
+    name: str,
+    blocks: torch.Tensor,
+    output: Path,
+    cfg: HealConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    student: Any = None,
+) -> HealResult:
+    """Train a LoRA for profile ``name`` of ``bank`` on ``blocks`` (N x seq_len token ids).
+
+    ``student`` may be given (e.g. a variant tuned for a task); by default it is a
+    standalone copy of the profile. Saves the PEFT adapter to ``output/adapter`` and
+    returns what happened. ``progress(step, steps, loss)`` is called after each step.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg.check()
+    if cfg.method == "qlora":
+        check_qlora()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    adapter_dir = output / "adapter"
+    torch.manual_seed(cfg.seed)
+    student = student if student is not None else standalone_student(bank, name)
+    if cfg.method == "qlora":
+        quantize_nf4(student)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, bias="none", target_modules=list(cfg.targets))
+    peft_model = get_peft_model(student, lora)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(math.ceil(cfg.steps * cfg.batch / max(1, len(blocks))) + 1)])
+    start_step, losses = 0, []
+    ckpt = output / CHECKPOINT
+    settings = {k: v for k, v in asdict(cfg).items() if k not in {"steps", "save_every"}}
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("settings") == settings and state.get("blocks") == list(blocks.shape):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(peft_model, state["lora"])
+            optimiser.load_state_dict(state["optimiser"])
+            start_step, losses = int(state["step"]), list(state["losses"])
+            log.info("resuming healing at step %d", start_step)
+        else:
+            log.warning("ignoring %s: it was written with other settings", ckpt)
+    teacher = bank.model
+    device = next(teacher.parameters()).device
+    began = time.perf_counter()
+    bank.activate("none")
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        ids = blocks[order[step * cfg.batch:(step + 1) * cfg.batch]].to(device)
+        with torch.no_grad():
+            teacher_logits = teacher(ids, use_cache=False).logits
+        for group in optimiser.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        logits = peft_model(input_ids=ids, use_cache=False).logits
+        loss = distill_loss(logits, teacher_logits, ids, cfg.lm_weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(step + 1, cfg.steps, losses[-1])
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, peft_model, optimiser, step + 1, losses, settings, blocks)
+    train_s = time.perf_counter() - began
+    peft_model.eval()
+    save_in_plan_order(peft_model, bank, name, adapter_dir)
+    ckpt.unlink(missing_ok=True)
+    return HealResult(adapter_dir, cfg.steps, train_s, losses, sum(p.numel() for p in params),
+                      (cfg.steps - start_step) * cfg.batch * blocks.shape[1], start_step)
+
+
+def _save_checkpoint(path: Path, peft_model: Any, optimiser: Any, step: int, losses: list[float], settings: dict, blocks: torch.Tensor) -> None:
+    from peft import get_peft_model_state_dict
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"lora": get_peft_model_state_dict(peft_model), "optimiser": optimiser.state_dict(), "step": step,
+                "losses": losses, "settings": settings, "blocks": list(blocks.shape)}, tmp)
+    tmp.replace(path)
+
+
+def _save_adapter(peft_model: Any, directory: Path) -> None:
+    """PEFT's own format; the LoRA factors are saved as float32 (small: rank 8)."""
+    peft_model.save_pretrained(str(directory), save_embedding_layers=False)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        raise RuntimeError(f"PEFT did not write {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory}")
+
+
+def save_in_plan_order(peft_model: Any, bank: Any, name: str, directory: Path) -> None:
+    """Save the adapter with channel/head dimensions in the plan's index order (the
+    contract :func:`casrap.heal.adapter.merge_adapter_into` reads), whatever order the
+    student's modules held them in (a reordered base lays them out by importance)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from casrap.heal.adapter import factors_to_plan_order
+
+    profile = bank.profile(name)
+    state = get_peft_model_state_dict(peft_model)
+    set_peft_model_state_dict(peft_model, factors_to_plan_order(state, profile.layers, profile.plan))
+    _save_adapter(peft_model, directory)

@@ -1,0 +1,252 @@
+"""Healing: LoRA adapters trained on a standalone copy, merged into the profile's own modules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_full_model_restored
+
+from casrap.errors import CheckpointError, InputError
+from casrap.heal.adapter import load_adapter, merge_adapter_into, resolve_adapter
+from casrap.heal.train import HealConfig, distill_loss, heal_profile
+from casrap.models import describe
+from casrap.profiles import ProfileBank, PruningPlan, build_plan
+from casrap.pruners.importance import weight_norm_importance
+
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 77, 12, 64, 31, 2, 250]])
+
+
+def _logits(model, ids=IDS):
+    with torch.inference_mode():
+        return model(ids, use_cache=False).logits
+
+
+def _bank(lm, specs):
+    info = describe(lm.model)
+    imp = weight_norm_importance(lm.model)
+    bank = ProfileBank(lm.model, "tiny")
+    for spec in specs:
+        plan = build_plan(spec, imp, info, structural=True)
+        plan.fingerprint = bank.fingerprint
+        bank.add(plan)
+    return bank
+
+
+def _blocks(n=12, length=16, seed=0):
+    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _healed(bank, name, adapter_dir):
+    plan = PruningPlan.from_dict(bank.profile(name).plan.to_dict())
+    plan.name = f"{name}+heal"
+    plan.meta["adapter"] = str(adapter_dir)
+    return plan
+
+
+@pytest.mark.parametrize("spec", ["layers-50", "ffn-25", "heads-50"])
+def test_healing_lowers_kl_and_bank_equals_peft_model(tiny, tmp_path, spec):
+    """The merged profile computes what the trained PEFT model computes, and training helped."""
+    bank = _bank(tiny, [spec])
+    blocks = _blocks()
+    cfg = HealConfig(steps=12, rank=4, lr=1e-2, batch=4, save_every=100)
+    with torch.no_grad():
+        teacher = tiny.model(blocks, use_cache=False).logits
+        with bank.using(spec):
+            before = distill_loss(tiny.model(blocks, use_cache=False).logits, teacher, blocks, 0.0).item()
+    result = heal_profile(bank, spec, blocks, tmp_path / "run", cfg)
+    assert (result.adapter_dir / "adapter_config.json").is_file() and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    healed = _healed(bank, spec, result.adapter_dir)
+    bank.add(healed)
+    with torch.no_grad(), bank.using(healed.name):
+        after = distill_loss(tiny.model(blocks, use_cache=False).logits, teacher, blocks, 0.0).item()
+    assert after < before
+    # the PEFT model (unmerged) and the bank's merged copies agree
+    from peft import PeftModel
+
+    from casrap.heal.train import standalone_student
+
+    peft_model = PeftModel.from_pretrained(standalone_student(bank, spec), str(result.adapter_dir)).eval()
+    with bank.using(healed.name):
+        torch.testing.assert_close(_logits(tiny.model), _logits(peft_model), atol=1e-4, rtol=1e-4)
+
+
+def test_healed_profile_shares_base_and_restores_full_model_bitwise(tiny, tmp_path):
+    before = _logits(tiny.model).clone()
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    bank = _bank(tiny, ["ffn-25", "layers-50"])
+    cfg = HealConfig(steps=3, rank=2, batch=2, targets=["o_proj", "down_proj"], save_every=100)
+    for name in ("ffn-25", "layers-50"):
+        result = heal_profile(bank, name, _blocks(), tmp_path / name, cfg)
+        bank.add(_healed(bank, name, result.adapter_dir))
+    # the unhealed profile is unchanged by its healed sibling, and the healed one differs
+    assert not torch.equal(bank.profile("layers-50").layers[0].self_attn.o_proj.weight, bank.profile("layers-50+heal").layers[0].self_attn.o_proj.weight)
+    assert bank.profile("layers-50").layers[0].mlp is bank._full_layers[0].mlp
+    # only the adapted modules are new: o_proj and down_proj of each kept layer
+    layers = bank.profile("layers-50+heal").layers
+    per_layer = sum(layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel() for layer in layers) * 4
+    assert bank.memory_overhead_bytes("layers-50+heal") == per_layer
+    assert layers[0].self_attn.q_proj.weight is bank._full_layers[0].self_attn.q_proj.weight
+    assert_full_model_restored(bank, tiny.model, IDS, before, state, rounds=5)
+
+
+def test_training_never_touches_base_modules(tiny, tmp_path):
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    modules = {id(m) for m in tiny.model.modules()}
+    bank = _bank(tiny, ["ffn-25"])
+    heal_profile(bank, "ffn-25", _blocks(), tmp_path, HealConfig(steps=2, rank=2, batch=2, save_every=100))
+    assert not any("lora" in n for n, _ in tiny.model.named_modules())
+    assert {id(m) for m in tiny.model.modules()} == modules
+    for key, value in tiny.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_healing_resumes_from_its_checkpoint(tiny, tmp_path):
+    bank = _bank(tiny, ["layers-25"])
+    blocks = _blocks()
+    full = heal_profile(bank, "layers-25", blocks, tmp_path / "a", HealConfig(steps=6, rank=2, batch=2, save_every=3))
+    # a run interrupted after step 3 leaves its checkpoint; the rerun continues from there
+    cfg = HealConfig(steps=6, rank=2, batch=2, save_every=3)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, total, loss):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        heal_profile(bank, "layers-25", blocks, tmp_path / "b", cfg, progress=interrupt)
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    resumed = heal_profile(bank, "layers-25", blocks, tmp_path / "b", cfg)
+    assert resumed.resumed_from == 3
+    assert resumed.losses[:3] == pytest.approx(full.losses[:3])
+    a, b = load_adapter(full.adapter_dir), load_adapter(resumed.adapter_dir)
+    for key in a.factors:
+        torch.testing.assert_close(a.factors[key][1], b.factors[key][1], atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_order_follows_the_plan_index_lists(tiny, tmp_path):
+    """Contract with channel reordering: adapter rows are in plan.ffn[layer] order."""
+    bank = _bank(tiny, ["ffn-25"])
+    result = heal_profile(bank, "ffn-25", _blocks(), tmp_path, HealConfig(steps=2, rank=2, batch=2, targets=["up_proj"], save_every=100))
+    adapter = load_adapter(result.adapter_dir)
+    plan = bank.profile("ffn-25").plan
+    for j, kept in plan.ffn.items():
+        a, b = adapter.factors[(j, "up_proj")]
+        assert b.shape[0] == len(kept)
+    # merging into a profile whose layers do not fit the adapter is refused
+    with pytest.raises(CheckpointError):
+        merge_adapter_into(bank.profile("none").layers[:1], plan, adapter)
+
+
+def test_plan_json_round_trip_and_missing_adapter(tiny, tmp_path):
+    bank = _bank(tiny, ["layers-25"])
+    result = heal_profile(bank, "layers-25", _blocks(), tmp_path, HealConfig(steps=1, rank=2, batch=2, save_every=100))
+    path = _healed(bank, "layers-25", result.adapter_dir).save(tmp_path / "p.json")
+    plan = PruningPlan.load(path)
+    assert json.loads(path.read_text())["meta"]["adapter"] == str(result.adapter_dir)
+    bank.add(plan)
+    plan.name, plan.meta["adapter"] = "gone", str(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="not found"):
+        bank.add(plan)
+    with pytest.raises(CheckpointError):
+        resolve_adapter("relative-and-absent")
+
+
+def test_bad_healing_settings_are_one_line_errors():
+    with pytest.raises(InputError):
+        HealConfig(method="dora").check()
+    with pytest.raises(InputError):
+        HealConfig(targets=["lm_head"]).check()
+
+
+def test_qlora_runs_or_names_lora():
+    from casrap.errors import UnsupportedModelError
+    from casrap.heal.train import check_qlora
+
+    try:
+        check_qlora()
+    except UnsupportedModelError as err:
+        assert "--method lora" in str(err)
+
+
+def test_qlora_heals_on_an_nf4_base_where_bitsandbytes_runs(tiny, tmp_path):
+    from casrap.errors import UnsupportedModelError
+    from casrap.heal.train import check_qlora
+
+    try:
+        check_qlora()
+    except UnsupportedModelError:
+        pytest.skip("bitsandbytes NF4 does not run here")
+    bank = _bank(tiny, ["ffn-25"])
+    result = heal_profile(bank, "ffn-25", _blocks(), tmp_path, HealConfig(method="qlora", steps=2, rank=2, batch=2, save_every=100))
+    bank.add(_healed(bank, "ffn-25", result.adapter_dir))  # merged into the float base
+    assert bank.memory_overhead_bytes("ffn-25+heal") > 0
+
+
+def test_heal_cli_writes_a_plan_every_command_accepts(tmp_path):
+    """casrap heal on the tiny model, then the healed plan in bench and export (merged and not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "casrap.cli", *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    data = json.loads(run("heal", "ffn-25", "-m", "tiny-random-llama", "--steps", "2", "--rank", "2", "--batch", "2",
+                          "--samples", "4", "--continuations", "2", "--output", "out", "--json"))
+    plan = data["plan"]
+    assert plan.endswith("ffn-25+heal.json") and set(data["quality"]) == {"none", "ffn-25", "ffn-25+heal"}
+    assert PruningPlan.load(tmp_path / "out" / "ffn-25+heal.json").meta["healed_from"] == "ffn-25"
+    bench = json.loads(run("bench", "-m", "tiny-random-llama", "-p", "ffn-25", "-p", plan, "--tokens", "2", "--pairs", "1",
+                           "--corpus", "offline", "--ppl-max-tokens", "100", "--json"))
+    assert [p["name"] for p in bench["profiles"]] == ["none", "ffn-25", "ffn-25+heal"]
+    run("export", plan, "merged", "-m", "tiny-random-llama")
+    run("export", plan, "unmerged", "-m", "tiny-random-llama", "--no-merge")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    bare = AutoModelForCausalLM.from_pretrained(tmp_path / "unmerged")
+    unmerged = PeftModel.from_pretrained(bare, str(tmp_path / "unmerged" / "adapter")).eval()
+    torch.testing.assert_close(_logits(merged), _logits(unmerged), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("train_reordered", [False, True])
+def test_adapter_merges_the_same_into_a_reordered_base(tmp_path, train_reordered):
+    """Issue 15 contract: adapters are stored in plan order, so a healed plan computes the same
+    function whether or not the base model was reordered for zero-copy profiles, either way round."""
+    from casrap.models.tiny import tiny_llama
+
+    def bank_for(reordered):
+        lm = tiny_llama()
+        bank = ProfileBank(lm.model, "tiny")
+        imp = weight_norm_importance(lm.model)
+        if reordered:
+            bank.reorder(imp)
+        for spec in ("ffn-25", "heads-50"):
+            plan = build_plan(spec, imp, describe(lm.model), structural=True)
+            plan.fingerprint = bank.fingerprint
+            bank.add(plan)
+        return lm, bank
+
+    lm, bank = bank_for(train_reordered)
+    plans = []
+    for spec in ("ffn-25", "heads-50"):
+        result = heal_profile(bank, spec, _blocks(), tmp_path / spec, HealConfig(steps=3, rank=2, batch=2, lr=1e-2, save_every=100))
+        plans.append(_healed(bank, spec, result.adapter_dir))
+        bank.add(plans[-1])
+    other_lm, other = bank_for(not train_reordered)
+    for plan in plans:
+        other.add(PruningPlan.from_dict(plan.to_dict()))
+        with bank.using(plan.name):
+            expected = _logits(lm.model)
+        with other.using(plan.name):
+            torch.testing.assert_close(_logits(other_lm.model), expected, atol=1e-4, rtol=1e-4)
