@@ -142,3 +142,16 @@ def test_choice_by_load_test_detects_dependence_and_not_its_absence(tmp_path):
         append_jsonl(run / "metrics.jsonl", {**r, "episode": i + 1})
     build_report(run)
     assert (run / "choice_by_load.png").is_file() and "chosen profile by background load" in (run / "training_report.txt").read_text()
+
+
+def test_calibrate_command_measures_and_caches_the_latency_model(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from casrap.cli import app
+
+    monkeypatch.setenv("CASRAP_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["calibrate", "--model", "tiny-random-llama", "--output", str(tmp_path / "cal.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "unloaded latency model" in result.stdout
+    saved = list((tmp_path / "home" / "latency").glob("*.json"))
+    assert len(saved) == 1 and UnloadedLatencyModel.load(saved[0]).fit.decode_c > 0

@@ -115,3 +115,18 @@ def build_profiles(lm: Any, names: list[str], model: str, structural: bool | Non
     importance = importance_for(lm, weight_norm) if needs_importance else None
     announce_lowrank_fit(lm, names)
     return build_bank(lm.model, names, base_model=model, importance=importance, structural=structural, tokenizer=lm.tokenizer)
+
+
+def measure_latency_model(bank_or_model: Any, tokenizer: Any, telemetry: Any = None, force: bool = False) -> Any:
+    """The unloaded latency model, measured now with a progress bar (``force``: even if cached)."""
+    from casrap.measure.latency_model import latency_cache_path, load_or_fit_latency_model
+    from casrap.models.architecture import model_key
+
+    model = bank_or_model.model if hasattr(bank_or_model, "activate") else bank_or_model  # a bank, or the model itself
+    with progress_bar() as bar:
+        task = bar.add_task("timing the full model (latency model)", total=8)
+        latency = load_or_fit_latency_model(bank_or_model, tokenizer, telemetry=telemetry, cache=not force,
+                                            progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if force:
+        latency.save(latency_cache_path(model_key(model)))
+    return latency

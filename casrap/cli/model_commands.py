@@ -17,6 +17,7 @@ from casrap.cli.common import (
     build_profiles,
     emit_json,
     load,
+    measure_latency_model,
     out,
     progress_bar,
 )
@@ -130,18 +131,9 @@ def calibrate(
     out.print(f"saved {importance.source} importance to {path}")
     out.print(f"block influence per layer: {influence}")
     # the unloaded latency model latency targets are normalised by (per model and machine)
-    from casrap.measure.latency_model import (
-        latency_cache_path,
-        load_or_fit_latency_model,
-    )
-    from casrap.models.architecture import model_key
     from casrap.telemetry.live import LiveTelemetry
 
-    with progress_bar() as bar:
-        task = bar.add_task("timing the full model (latency model)", total=8)
-        latency = load_or_fit_latency_model(lm.model, lm.tokenizer, telemetry=LiveTelemetry(), cache=False,
-                                            progress=lambda i, n: bar.update(task, completed=i, total=n))
-    latency.save(latency_cache_path(model_key(lm.model)))
+    latency = measure_latency_model(lm.model, lm.tokenizer, LiveTelemetry(), force=True)
     fit, held = latency.fit, latency.holdout
     out.print(f"unloaded latency model: TTFT {1e3 * fit.ttft_a:.1f} ms + {1e3 * fit.ttft_b:.3f} ms/prompt token, decode "
               f"{1e3 * fit.decode_c:.1f} ms/token (+{1e6 * fit.decode_d:.1f} us per context token); held-out median error "
@@ -190,11 +182,7 @@ def bench(
     data["profiles_in_bank"] = bank.names
     data["reorder"] = bank.reorder_info
     data["copied_modules"] = bank.copied_modules
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(data, indent=1, default=float))
-    if as_json:
-        emit_json(data)
+    if _save_or_emit(data, output, as_json):
         return
     table = Table(title=f"casrap bench: {model} on {report.device} ({report.threads} threads), ppl on {report.corpus}, {tokens} new tokens, {pairs} pairs")
     columns = ["profile", "removed", "ideal", "speedup", "decode ms/tok", "TTFT ms", "ppl", "KL", "switch ms", "extra MB", "peak MB"]
@@ -223,6 +211,16 @@ def bench(
                   f"{bank.reorder_info['max_abs_logit_diff']:.2e} on {bank.reorder_info['probe_tokens']} tokens")
 
 
+def _save_or_emit(data: dict, output: Path | None, as_json: bool) -> bool:
+    """Write the JSON report to ``output`` if given; print it and return True under ``--json``."""
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(data, indent=1, default=float))
+    if as_json:
+        emit_json(data)
+    return as_json
+
+
 def bench_kv(
     model: str = ModelOpt,
     device: str = DeviceOpt,
@@ -245,11 +243,7 @@ def bench_kv(
     rows = kv_study(lm.model, lm.tokenizer, list(prompt_tokens), list(keep_ratio), tokens, pairs, KVCompression(sinks=sinks, recent=recent))
     data = {"model": model, "device": lm.device, "threads": torch.get_num_threads(), "sinks": sinks, "recent": recent,
             "text": "casrap-prose/search + calibration text", "rows": as_dicts(rows)}
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(data, indent=1, default=float))
-    if as_json:
-        emit_json(data)
+    if _save_or_emit(data, output, as_json):
         return
     table = Table(title=f"KV-cache compression: {model} on {lm.device} ({data['threads']} threads), {tokens} answer tokens, {pairs} pairs")
     for col in ("prompt", "keep", "kept", "KL", "top-1 agree", "decode ms full", "decode ms kv", "speedup", "prefill ms full", "prefill ms kv"):

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from casrap.cli.common import DeviceOpt, JsonOpt, ModelOpt, build_profiles, console, emit_json, load, out, progress_bar
 from casrap.cli.rl import ProfilesOpt, interrupt_on_sigterm
-
-
-class _Load:
-    """A background load of ``workers`` processes burning one core each, as a context manager."""
-
-    def __init__(self, workers: int) -> None:
-        from casrap.telemetry.load import BackgroundLoad
-
-        self.load = BackgroundLoad(workers=workers)
-
-    def __enter__(self) -> Any:
-        self.load.start()
-        self.load.set_intensity(1.0)
-        return self.load
-
-    def __exit__(self, *exc: object) -> None:
-        self.load.stop()
 
 
 def record(
@@ -53,6 +36,10 @@ def record(
     from casrap.errors import InputError
     from casrap.profiles.catalogue import default_catalogue
     from casrap.telemetry.live import LiveTelemetry
+    from casrap.telemetry.load import BackgroundLoad
+
+    def steady_load(workers: int) -> BackgroundLoad:  # every worker burns its core at 100% duty
+        return BackgroundLoad(workers=workers, intensity=1.0)
 
     if phase not in {"quality", "timing", "all"}:
         raise InputError(f"--phase must be quality, timing or all, not {phase!r}")
@@ -85,7 +72,7 @@ def record(
     with progress_bar() as bar:
         task = bar.add_task(f"timing ({len(timed)} prompts x {len(levels)} loads x {len(names)} profiles)",
                             total=len(timed) * len(levels) * len(names))
-        timing = timing_pass(bank, lm.tokenizer, timed, names, config, work / "timing.jsonl", LiveTelemetry(), _Load,
+        timing = timing_pass(bank, lm.tokenizer, timed, names, config, work / "timing.jsonl", LiveTelemetry(), steady_load,
                              progress=lambda i, n: bar.update(task, completed=i))
     durations["timing_s"] = time.perf_counter() - t0
     if phase == "timing":

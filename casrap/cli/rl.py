@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from casrap.cli.common import (
-    DeviceOpt, JsonOpt, ModelOpt, WeightNormOpt, build_profiles, console, emit_json, load, out,
+    DeviceOpt, JsonOpt, ModelOpt, WeightNormOpt, build_profiles, console, emit_json, load, measure_latency_model, out,
     progress_bar,
 )
 from casrap.envs.rewards import REWARDS, RewardConfig, reward_config
@@ -44,16 +44,12 @@ def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int,
 
 def ensure_latency_model(router: Any) -> None:
     """Measure the unloaded latency model on first use, visibly (seconds; cached per model and machine)."""
-    from casrap.measure.latency_model import latency_cache_path, load_or_fit_latency_model
+    from casrap.measure.latency_model import latency_cache_path
 
-    if latency_cache_path(router.bank.fingerprint).is_file():
-        _ = router.unloaded
-        return
-    console.print("no latency model for this model on this machine yet: timing the full model once (seconds; cached)")
-    with progress_bar() as bar:
-        task = bar.add_task("latency model", total=8)
-        router._unloaded = load_or_fit_latency_model(router.bank, router.tokenizer, telemetry=router.telemetry,
-                                                     progress=lambda i, n: bar.update(task, completed=i, total=n))
+    if not latency_cache_path(router.bank.fingerprint).is_file():
+        console.print("no latency model for this model on this machine yet: timing the full model once (seconds; cached)")
+        router._unloaded = measure_latency_model(router.bank, router.tokenizer, router.telemetry)
+    _ = router.unloaded
 
 
 def interrupt_on_sigterm() -> None:

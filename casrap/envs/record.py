@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -34,12 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from casrap.data.prompts import Prompt, load_prompts
 from casrap.envs.analysis import PromptAnalyzer
-from casrap.measure.latency_model import LatencyFit, LatencySample, fit_latency, grouped_holdout_error
+from casrap.measure.latency_model import LatencyFit, LatencySample, cpu_name, fit_latency, fit_line, grouped_holdout_error
 from casrap.profiles.catalogue import FULL
 from casrap.runtime.generation import generate_timed
 
@@ -251,10 +253,8 @@ def fit_models(rows: list[dict[str, Any]], new_tokens: int) -> LatencyModels:
             samples = [LatencySample(r["input_tokens"], r["ttft_s"], r["decode_s"], r["new_tokens"]) for r in mine]
             models.fits[load][name] = fit_latency(samples)
             models.errors[load][name] = grouped_holdout_error(samples, [r["prompt_key"] for r in mine], new_tokens)
-        x = torch.tensor([float(min(r["input_tokens"], 64)) for r in at])
-        y = torch.tensor([float(r["analysis_s"]) for r in at])
-        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp_min(1e-9))
-        models.analysis[load] = (float(y.mean() - slope * x.mean()), slope)
+        models.analysis[load] = fit_line(np.array([float(min(r["input_tokens"], 64)) for r in at]),
+                                         np.array([float(r["analysis_s"]) for r in at]))
     models.switch_s = statistics.median(float(r["switch_s"]) for r in rows) if rows else 0.0
     return models
 
@@ -301,17 +301,12 @@ def recording_header(model: str, bank: Any, profiles: list[str], config: RecordC
 
     import casrap
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     splits = [q["split"] for q in quality.values()]
     return {
         "model": model, "fingerprint": bank.fingerprint, "profiles": profiles, "max_new_tokens": config.max_new_tokens,
         "descriptions": {n: bank.profile(n).plan.description for n in profiles},
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": __import__("os").cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
                     "threads": torch.get_num_threads(), "device": str(next(bank.model.parameters()).device)},
         "versions": {"casrap": casrap.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -81,7 +80,7 @@ class LatencyFit:
         return asdict(self)
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least-squares intercept and slope; a flat line when x does not vary."""
     if len(x) == 0:
         raise ValueError("no samples to fit")
@@ -94,10 +93,10 @@ def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def fit_latency(samples: Sequence[LatencySample]) -> LatencyFit:
     """Fit TTFT and the median decode step as lines in the prompt length."""
     p = np.array([s.prompt_tokens for s in samples], dtype=float)
-    ttft_a, ttft_b = _line(p, np.array([s.ttft_s for s in samples]))
+    ttft_a, ttft_b = fit_line(p, np.array([s.ttft_s for s in samples]))
     steps = [(s.prompt_tokens, s.decode_s) for s in samples if s.decode_s > 0]
     if steps:
-        decode_c, decode_d = _line(np.array([x for x, _ in steps], float), np.array([y for _, y in steps]))
+        decode_c, decode_d = fit_line(np.array([x for x, _ in steps], float), np.array([y for _, y in steps]))
         decode_d = max(decode_d, 0.0)
     else:
         decode_c, decode_d = 0.0, 0.0
@@ -130,16 +129,22 @@ def grouped_holdout_error(samples: Sequence[LatencySample], groups: Sequence[str
     return {"median_rel_error": float(np.median(errors)), "p90_rel_error": float(np.percentile(errors, 90)), "n": len(errors)}
 
 
-def machine_key() -> str:
-    """What makes a latency fit this machine's: CPU model and count, torch threads, GPU name."""
-    import torch
-
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def machine_key() -> str:
+    """What makes a latency fit this machine's: CPU model and count, torch threads, GPU name."""
+    import torch
+
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     raw = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{gpu}|{torch.__version__}"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -297,7 +302,3 @@ def load_or_fit_latency_model(
              1e3 * result.fit.ttft_a, 1e3 * result.fit.ttft_b, 1e3 * result.fit.decode_c,
              100 * result.holdout.get("median_rel_error", float("nan")))
     return result
-
-
-def median_or_zero(values: Sequence[float]) -> float:
-    return float(statistics.median(values)) if values else 0.0

@@ -164,12 +164,11 @@ def run_loadtest(
     runners = [POLICY, *statics]
     run = http_runner(config.url, lm.model_name) if config.url else in_process_runner(lm)
     n = config.max_new_tokens
-    background = BackgroundLoad(workers=config.load_workers) if config.background_load > 0 else None
+    background = BackgroundLoad(workers=config.load_workers, intensity=config.background_load) if config.background_load > 0 else None
     requests: list[dict[str, Any]] = []
     try:
         if background:
             background.start()
-            background.set_intensity(config.background_load)
         run(chosen[0].text, n, None, "none")  # warm-up
         for i, prompt in enumerate(chosen):
             reference = in_process_runner(lm)(prompt.text, n, None, "none")

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from casrap.measure.corpus import EVALUATION_SPLITS, OFFLINE_CORPUS, prose_split
@@ -171,17 +170,13 @@ def run_search(
 
         context = EvolveContext(bank, tokenizer, imp, info, run, search_ids, val_ids, test_ids, plans_dir, base_model, note)
         with context:
-            if "rates" in run.encodings:
-                report["rates_table"] = []
+            for encoding, search in (("rates", search_rates), ("layers", search_layers)):
+                if encoding not in run.encodings:
+                    continue
+                report[f"{encoding}_table"] = []
                 for target in run.sparsities:
-                    rows, name, result = search_rates(context, target)
-                    report["rates_table"] += rows
-                    report["results"][name] = result
-            if "layers" in run.encodings:
-                report["layers_table"] = []
-                for target in run.sparsities:
-                    rows, name, result = search_layers(context, target)
-                    report["layers_table"] += rows
+                    rows, name, result = search(context, target)
+                    report[f"{encoding}_table"] += rows
                     report["results"][name] = result
         report["fitness"] = {"kind": run.fitness, "search_tokens": int(search_ids.numel()), "time_budget_s": run.time_budget,
                              "workers": run.workers, "ray_address": run.ray_address}

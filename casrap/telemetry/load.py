@@ -37,11 +37,11 @@ class LoadSchedule:
 
 
 class BackgroundLoad:
-    def __init__(self, workers: int = 1, schedule: LoadSchedule | None = None) -> None:
+    def __init__(self, workers: int = 1, schedule: LoadSchedule | None = None, intensity: float = 0.0) -> None:
         self.workers = workers
         self.schedule = schedule or LoadSchedule()
         ctx = mp.get_context("spawn")
-        self._level = ctx.Value("d", 0.0)
+        self._level = ctx.Value("d", float(intensity))
         self._stop = ctx.Event()
         self._ctx = ctx
         self._procs: list[Any] = []
