@@ -65,7 +65,7 @@ def test_latency_fit_recovers_a_known_line_and_reports_held_out_error():
 def test_unloaded_latency_model_is_measured_once_and_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CASRAP_HOME", str(tmp_path))
     first = load_or_fit_latency_model(tiny.model, tiny.tokenizer, lengths=(4, 8, 16), new_tokens=4, repeats=2)
-    assert first.predict(64, 8) > first.predict(8, 8) > 0
+    assert first.predict(64, 8) >= first.predict(8, 8) > 0  # slopes are clamped at 0: never shorter for longer prompts (tiny-model timings are too small to promise more)
     assert set(first.holdout) >= {"median_rel_error", "n"}
     cached = list((tmp_path / "latency").glob("*.json"))
     assert len(cached) == 1
