@@ -8,7 +8,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from casrap.envs.observation import OBSERVATION_FEATURES
+from casrap.decide.observation import OBSERVATION_FEATURES
 from gymnasium import spaces
 
 TINY_PROFILES = ("none", "layers-25", "ffn-25")
@@ -38,7 +38,8 @@ class BudgetPolicy:
 
     def predict(self, obs: Any, deterministic: bool = True) -> tuple[int, None]:
         self.seen.append(np.asarray(obs))
-        return (0 if float(obs[-1]) >= self.threshold else self.actions - 1), None
+        target = float(obs[OBSERVATION_FEATURES.index("latency_target")])
+        return (0 if target >= self.threshold else self.actions - 1), None
 
 
 def tiny_bank(lm: Any, profiles: tuple[str, ...] = TINY_PROFILES) -> Any:

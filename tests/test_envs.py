@@ -10,7 +10,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from casrap.data.prompts import load_prompts
-from casrap.envs.analysis import complexity_score
+from casrap.decide.analysis import complexity_score
 from casrap.envs.collect import collect, replay_header
 from casrap.envs.replay import PruningReplayEnv, load_replay, write_replay
 from casrap.envs.rewards import RewardConfig, RewardInput, casrap_reward, linear_reward, slo_reward

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import casrap
-from casrap.envs.observation import OBSERVATION_FEATURES
+from casrap.decide.observation import OBSERVATION_FEATURES
 from casrap.errors import CasrapError, CheckpointError, InputError, UnsupportedModelError
 
 PACKAGE = pathlib.Path(casrap.__file__).parent
@@ -75,6 +75,46 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles_among_casrap_modules():
     assert _cycles(_import_graph()) == []
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]  # the checker itself finds one
+
+
+# Floors, top to bottom: a package may import its own floor or any floor below it, never above.
+FLOORS: list[set[str]] = [
+    {"cli", "__main__"},
+    {"runtime"},                                   # serving: AdaptiveLM, server, loadtest, bundles
+    {"agents", "search", "heal", "bench", "bench_kv"},
+    {"envs"},
+    {"decide"},                                    # the one decision path (Router, observation, timed generation)
+    {"profiles"},
+    {"pruners"},
+    {"models"},
+    {"measure", "telemetry", "data", "reports", "evaluation", "errors", "paths", "version", "hub"},
+]
+
+
+def _floor_of(package: str) -> int:
+    for level, names in enumerate(FLOORS):
+        if package in names:
+            return level
+    raise AssertionError(f"casrap.{package} is on no floor: add it to FLOORS")
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for source, targets in graph.items():
+        parts = source.split(".")
+        if len(parts) < 2:  # the package root re-exports lazily
+            continue
+        for target in targets:
+            a, b = parts[1], target.split(".")[1] if "." in target else target
+            if a != b and _floor_of(b) < _floor_of(a):
+                found.append(f"{source} -> {target}")
+    return sorted(found)
+
+
+def test_imports_only_run_downward():
+    assert _upward_imports(_import_graph()) == []
+    # the checker itself sees a lower floor reaching up
+    assert _upward_imports({"casrap.envs.x": {"casrap.runtime.router"}}) == ["casrap.envs.x -> casrap.runtime.router"]
 
 
 def test_cli_package_registers_every_command():

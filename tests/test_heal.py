@@ -9,7 +9,7 @@ import torch
 from helpers import assert_full_model_restored
 
 from casrap.errors import CheckpointError, InputError
-from casrap.heal.adapter import load_adapter, merge_adapter_into, resolve_adapter
+from casrap.profiles.adapter import load_adapter, merge_adapter_into, resolve_adapter
 from casrap.heal.train import HealConfig, distill_loss, heal_profile
 from casrap.models import describe
 from casrap.profiles import ProfileBank, PruningPlan, build_plan
@@ -201,9 +201,15 @@ def test_heal_cli_writes_a_plan_every_command_accepts(tmp_path):
         return proc.stdout
 
     data = json.loads(run("heal", "ffn-25", "-m", "tiny-random-llama", "--steps", "2", "--rank", "2", "--batch", "2",
-                          "--samples", "4", "--continuations", "2", "--output", "out", "--json"))
+                          "--samples", "4", "--continuations", "2", "--select", "lr=1e-2,1e-3", "--output", "out", "--json"))
     plan = data["plan"]
-    assert plan.endswith("ffn-25+heal.json") and set(data["quality"]) == {"none", "ffn-25", "ffn-25+heal"}
+    assert plan.endswith("ffn-25+heal.json") and set(data["quality"]["test"]) == {"none", "ffn-25", "ffn-25+heal"}
+    assert set(data["gap_recovered"]) == {"validation", "test"} and data["wall_s"] > 0
+    assert data["targets"] == ["gate_proj", "up_proj", "down_proj"]  # an FFN cut adapts the MLPs only
+    # the sweep kept the candidate with the lower validation perplexity, and its adapter
+    assert [c["lr"] for c in data["candidates"]] == [1e-2, 1e-3]
+    assert data["lr"] == min(data["candidates"], key=lambda c: c["validation_ppl"])["lr"]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert PruningPlan.load(tmp_path / "out" / "ffn-25+heal.json").meta["healed_from"] == "ffn-25"
     bench = json.loads(run("bench", "-m", "tiny-random-llama", "-p", "ffn-25", "-p", plan, "--tokens", "2", "--pairs", "1",
                            "--corpus", "offline", "--ppl-max-tokens", "100", "--json"))
@@ -250,3 +256,82 @@ def test_adapter_merges_the_same_into_a_reordered_base(tmp_path, train_reordered
             expected = _logits(lm.model)
         with other.using(plan.name):
             torch.testing.assert_close(_logits(other_lm.model), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_loss_is_the_kl_of_the_coarsened_distributions():
+    """With k = vocabulary it is the full KL; with small k a lower bound; zero at equality."""
+    import torch.nn.functional as F
+
+    from casrap.heal.train import topk_distill_loss
+
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 40) * 3, torch.randn(2, 5, 40)
+    logp = F.log_softmax(teacher, -1)
+    full = distill_loss(student, teacher, None, 0.0).item() * 1  # batchmean over 10 positions
+    every = logp.topk(40, -1)
+    torch.testing.assert_close(topk_distill_loss(student, every.values, every.indices).item(), full, atol=1e-4, rtol=1e-4)
+    few = logp.topk(4, -1)
+    assert 0 < topk_distill_loss(student, few.values, few.indices).item() < full
+    assert abs(topk_distill_loss(teacher, few.values, few.indices).item()) < 1e-5
+
+
+def test_teacher_targets_are_cached_per_model_and_text(tiny, casrap_home):
+    from casrap.heal.data import teacher_path, teacher_targets
+
+    blocks = _blocks(n=3, length=8)
+    first = teacher_targets(tiny.model, blocks, "tiny-key", k=5)
+    assert first.path == teacher_path("tiny-key", blocks, 5) and first.path.is_file()
+    assert first.logprobs.shape == (3, 8, 5) and first.indices.dtype == torch.int32
+
+    class Broken(torch.nn.Module):  # a cache hit never runs the model
+        def parameters(self):
+            return tiny.model.parameters()
+
+        def forward(self, *args, **kwargs):
+            raise AssertionError("teacher ran despite the cache")
+
+    again = teacher_targets(Broken(), blocks, "tiny-key", k=5)
+    assert torch.equal(again.indices, first.indices)
+    assert teacher_path("tiny-key", _blocks(n=3, length=8, seed=1), 5) != first.path
+    assert teacher_path("other-model", blocks, 5) != first.path
+
+
+def test_cached_teacher_heals_and_targets_follow_the_profile_kind(tiny, tmp_path):
+    from casrap.heal.data import teacher_targets
+    from casrap.heal.train import MLP, targets_for_plan
+
+    bank = _bank(tiny, ["ffn-25", "layers-50"])
+    assert targets_for_plan(bank.profile("ffn-25").plan) == MLP
+    assert set(targets_for_plan(bank.profile("layers-50").plan)) > set(MLP)
+    blocks = _blocks()
+    teacher = teacher_targets(tiny.model, blocks, "tiny", k=32, cache=False)
+    with torch.no_grad():
+        reference = tiny.model(blocks, use_cache=False).logits
+        with bank.using("ffn-25"):
+            before = distill_loss(tiny.model(blocks, use_cache=False).logits, reference, blocks, 0.0).item()
+    result = heal_profile(bank, "ffn-25", blocks, tmp_path, HealConfig(steps=12, rank=4, lr=1e-2, batch=4, save_every=100),
+                          teacher_targets=teacher)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(MLP)  # an FFN cut: MLP projections only
+    healed = _healed(bank, "ffn-25", result.adapter_dir)
+    bank.add(healed)
+    with torch.no_grad(), bank.using(healed.name):
+        after = distill_loss(tiny.model(blocks, use_cache=False).logits, reference, blocks, 0.0).item()
+    assert after < before
+
+
+def test_select_grid_and_continuation_openings():
+    from casrap.data.calibration import calibration_corpus
+    from casrap.heal.data import continuation_prefixes
+    from casrap.heal.evaluate import parse_select
+
+    assert parse_select("lr=1e-3,3e-3; steps=50,100") == {"lr": [1e-3, 3e-3], "steps": [50.0, 100.0]}
+    assert parse_select(None) == {}
+    for bad in ("lr", "rank=4", "lr=a", "steps=0"):
+        with pytest.raises(InputError):
+            parse_select(bad)
+    paragraphs = calibration_corpus().paragraphs()
+    openings = continuation_prefixes(paragraphs, 40)
+    assert len(openings) == 40 and len(set(openings)) > 16  # more contexts than paragraph openings
+    text = " ".join(" ".join(p.split()) for p in paragraphs)
+    assert all(o in text for o in openings)  # calibration text only

@@ -176,3 +176,46 @@ def test_ranks_search_cli_on_tiny(tmp_path):
     plan = PruningPlan.load(tmp_path / "plans" / "ranks-ga-25.json")
     assert plan.ranks and plan.fingerprint
     assert "Low-rank projections" in (tmp_path / "reports" / "search-1" / "report.md").read_text()
+
+
+def test_ranks_within_error_are_the_smallest_per_matrix(basis):
+    """Each factorised projection drops at most the threshold, one rank less would drop
+    more; a looser threshold never keeps more parameters; zero keeps everything dense."""
+    assert lowrank.ranks_within_error(basis, 0.0) == {}
+    shapes = basis.shapes
+    removed = []
+    for threshold in (0.02, 0.1, 0.3):
+        ranks = lowrank.ranks_within_error(basis, threshold)
+        for layer, names in ranks.items():
+            for name, rank in names.items():
+                m = basis.matrices[(layer, name)]
+                assert m.relative_error(rank) <= threshold + 1e-9
+                assert rank == 1 or m.relative_error(rank - 1) > threshold
+        removed.append(lowrank.removed_fraction(ranks, shapes))
+    assert removed == sorted(removed) and removed[-1] > 0
+
+
+def test_task_calibration_text_gets_its_own_basis(tiny, casrap_home, monkeypatch, tmp_path):
+    """--calibration-text: the basis is fitted on the user's text (long paragraphs in
+    chunks) and cached apart from the bundled calibration's, keyed by the text."""
+    default = lowrank.default_basis_path("k")
+    task = tmp_path / "task.txt"
+    task.write_text(" ".join(["word"] * 400) + "\n\nA second, short paragraph about invoices.\n")
+    monkeypatch.setenv(lowrank.CALIBRATION_ENV, str(task))
+    assert lowrank.default_basis_path("k") != default
+    seen = []
+    real = lowrank.fit_basis
+
+    def spy(model, tokenizer, texts, **kwargs):
+        seen.extend(texts)
+        return real(model, tokenizer, texts, **kwargs)
+
+    monkeypatch.setattr(lowrank, "fit_basis", spy)
+    fitted = lowrank.load_or_fit_basis(tiny.model, tiny.tokenizer)
+    assert len(seen) == 4 and seen[-1].startswith("A second") and all(len(t.split()) <= 160 for t in seen)
+    assert "task text" in fitted.source and lowrank.default_basis_path(fitted.model_key).is_file()
+    task.write_text("Other text entirely.")
+    assert lowrank.default_basis_path("k") not in (default, )  # a new text, a new key
+    monkeypatch.setenv(lowrank.CALIBRATION_ENV, str(tmp_path / "missing.txt"))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        lowrank.default_basis_path("k")

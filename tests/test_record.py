@@ -8,11 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from casrap.decide.observation import OBSERVATION_FEATURES
 from casrap.envs.record import (
-    RecordConfig, build_records, fit_models, quality_pass, recording_header, select_prompts, timed_subset, timing_pass,
+    RecordConfig, build_records, quality_pass, recording_header, seed_quality, select_prompts, timing_order, timing_pass,
 )
 from casrap.envs.replay import PruningReplayEnv, load_replay, write_replay
-from casrap.measure.latency_model import (
+from casrap.decide.latency_model import (
     LatencyFit, LatencySample, UnloadedLatencyModel, fit_latency, grouped_holdout_error, load_or_fit_latency_model,
 )
 from casrap.telemetry import FakeTelemetry, LiveTelemetry
@@ -73,35 +74,73 @@ def test_unloaded_latency_model_is_measured_once_and_cached(tiny, tmp_path, monk
     assert again.to_dict() == UnloadedLatencyModel.load(cached[0]).to_dict() == first.to_dict()
 
 
-def test_recording_measures_quality_once_models_latency_and_says_which(tiny, tmp_path):
+class _Levels:
+    """Stands in for the background workers: remembers which level was asked for, when."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def set(self, level: str, seed: int = 0) -> None:
+        self.calls.append(level)
+
+
+def test_recording_measures_every_latency_through_the_router_and_resumes(tiny, tmp_path):
+    from casrap.decide.router import Router
     from casrap.profiles.factory import build_bank
 
     bank = build_bank(tiny.model, PROFILES, base_model="tiny", tokenizer=tiny.tokenizer)
-    config = RecordConfig(train_prompts=6, test_prompts=3, loads=(0,), timed_prompts=4, max_new_tokens=4, settle_s=0.0)
+    config = RecordConfig(train_prompts=6, test_prompts=3, loads=("0", "1", "bursty"), max_new_tokens=6, timing_tokens=4,
+                          settle_s=0.0, block=2)
     prompts = select_prompts(config)
     assert len(prompts) == 9 and sum(p.split == "test" for p in prompts) == 3
     quality = quality_pass(bank, tiny.tokenizer, prompts, PROFILES, config, tmp_path / "q.jsonl")
     assert all(q["kl"]["none"] == 0.0 and q["ppl"]["layers-25"] != q["ppl"]["none"] for q in quality.values())
-    # resumable: a second pass adds a profile without re-scoring the others
+    # resumable: a second pass re-scores nothing
     rows_before = len((tmp_path / "q.jsonl").read_text().splitlines())
     again = quality_pass(bank, tiny.tokenizer, prompts, PROFILES, config, tmp_path / "q.jsonl")
     assert again == quality and len((tmp_path / "q.jsonl").read_text().splitlines()) == rows_before
-    timed = timed_subset(prompts, config.timed_prompts)
-    assert {p.split for p in timed} == {"train", "test"}
-    timing = timing_pass(bank, tiny.tokenizer, timed, PROFILES, config, tmp_path / "t.jsonl", FakeTelemetry(0), None)
-    assert len(timing) == len(timed) * len(PROFILES)
-    assert bank.active == "none"
-    models = fit_models(timing, config.max_new_tokens)
-    header = recording_header("tiny", bank, PROFILES, config, models, quality, timing, {"quality_s": 1.0})
-    path = write_replay(tmp_path / "r.jsonl", header, build_records(quality, timing, PROFILES, models, config))
+    ordered = timing_order(prompts)
+    assert sorted(p.key for p in ordered) == sorted(p.key for p in prompts)
+    assert {p.split for p in ordered[:3]} == {"train", "test"}  # a recording cut short holds both splits
+    router = Router(bank, tiny.tokenizer, policy=None, telemetry=FakeTelemetry(0),
+                    unloaded=UnloadedLatencyModel(LatencyFit(0.01, 0.0, 0.001, 0.0)))
+    levels = _Levels()
+    part = timing_pass(router, ordered[:4], PROFILES, config, tmp_path / "t.jsonl", levels, deadline=None)
+    assert len(part) == 4 * len(config.loads) * len(PROFILES)
+    assert levels.calls[:3] == ["0", "1", "bursty"] and levels.calls[3:6] == ["1", "bursty", "0"]  # levels rotate per block
+    # resume with more prompts: the first four are not measured again
+    timing = timing_pass(router, ordered, PROFILES, config, tmp_path / "t.jsonl", _Levels())
+    assert len(timing) == len(ordered) * len(config.loads) * len(PROFILES)
+    assert len({(r["prompt_key"], r["load"], r["profile"]) for r in timing}) == len(timing)
+    assert bank.active == "none" and all(r["threads"] >= 1 and r["slowdown"] > 0 for r in timing)
+    header = recording_header("tiny", bank, PROFILES, config, quality, timing, {"quality_s": 1.0}, router.threads.key())
+    path = write_replay(tmp_path / "r.jsonl", header, build_records(quality, timing, PROFILES, config))
     records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-    sources = {r["prompt_key"]: r["latency_source"] for r in records}
-    assert {sources[p.key] for p in timed} == {"measured"}
-    assert set(sources.values()) == {"measured", "modelled"}
+    assert {r["latency_source"] for r in records} == {"measured"}
+    assert {r["load"] for r in records} == {"0", "1", "bursty"}
+    assert header["thread_policy"].startswith("free-cores") and header["profile_speed"]["none"] == pytest.approx(1.0)
     table = load_replay(path)
-    assert table.predicted_full is not None and table.measured is not None
-    assert table.measured.sum() == len(timed) * len(PROFILES)
-    assert header["latency_models"]["loo_errors"]["0"]["none"]["n"] > 0
+    assert table.measured.all() and table.base_obs.shape[1] == len(OBSERVATION_FEATURES)
+    # a deadline already passed measures nothing more
+    assert len(timing_pass(router, ordered, PROFILES, config, tmp_path / "t2.jsonl", _Levels(), deadline=0.0)) == 0
+
+
+def test_quality_is_taken_from_an_earlier_recording_where_it_has_every_profile(tmp_path):
+    from casrap.data.prompts import Prompt
+
+    prompts = [Prompt(id="a", text="alpha", category="c", group="g", split="train"),
+               Prompt(id="b", text="beta", category="c", group="h", split="test")]
+    header = {"model": "x", "profiles": PROFILES, "max_new_tokens": 4}
+    rows = []
+    for p in prompts:
+        for name in PROFILES if p.id == "a" else PROFILES[:2]:  # b lacks a profile: measured again
+            rows.append({"prompt_id": p.id, "prompt_key": p.key, "load": 0, "profile": name, "ppl": 2.0, "kl": 0.1,
+                         "prompt_tokens": 3, "input_tokens": 5, "prompt_ppl": 4.0})
+    write_replay(tmp_path / "old.jsonl", header, rows)
+    assert seed_quality(tmp_path / "old.jsonl", prompts, PROFILES, tmp_path / "q.jsonl") == 1
+    assert seed_quality(tmp_path / "old.jsonl", prompts, PROFILES, tmp_path / "q.jsonl") == 0  # already there
+    row = json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])
+    assert row["prompt_key"] == prompts[0].key and set(row["ppl"]) == set(PROFILES)
 
 
 def test_replay_targets_are_absolute_multiples_of_the_unloaded_prediction(tmp_path):
@@ -121,7 +160,7 @@ def test_replay_targets_are_absolute_multiples_of_the_unloaded_prediction(tmp_pa
         obs, info = env.reset(options={"context": context, "budget_ratio": 1.5})
         load = info["context"].rsplit("@", 1)[1]
         rewards[load] = [env.outcome(a)[0] for a in range(2)]
-        assert obs[-1] == pytest.approx(1.5 / 4)
+        assert obs[OBSERVATION_FEATURES.index("latency_target")] == pytest.approx(1.5 / 4)
     # idle: the full model meets a 1.5 s target; under load it misses it and the fast profile wins
     assert np.argmax(rewards["0"]) == 0 and np.argmax(rewards["2"]) == 1
 

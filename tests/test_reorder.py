@@ -172,7 +172,7 @@ def test_weight_norm_plans_do_not_reorder():
 def _heal_both_banks(merge_fn):
     """The same random LoRA deltas (plan index order) merged into ffn-25 and heads-50 on a
     copying bank and on a reordered one by ``merge_fn(layers, plan, adapter)``; logits."""
-    from casrap.heal import adapter as merge
+    from casrap.profiles import adapter as merge
 
     a, b, imp, copied, lean = _pair()
     lean.reorder(imp)
@@ -203,7 +203,7 @@ def _heal_both_banks(merge_fn):
 
 def test_deltas_in_module_order_heal_a_reordered_bank_like_a_copying_one():
     """delta_in_module_order is what a merge needs on a reordered base (no skipped layers here)."""
-    from casrap.heal import adapter as merge
+    from casrap.profiles import adapter as merge
     from casrap.pruners.reorder import delta_in_module_order
 
     def permuting_merge(layers, plan, adapter):
@@ -225,10 +225,10 @@ def test_deltas_in_module_order_heal_a_reordered_bank_like_a_copying_one():
 
 
 def test_a_healed_plan_matches_after_reordering():
-    """Healing merges LoRA deltas stored in the plan's index order (casrap.heal.adapter);
+    """Healing merges LoRA deltas stored in the plan's index order (casrap.profiles.adapter);
     on a reordered base the built modules hold their units in another order, so the merge
     must permute through the modules' kept order. Same adapter, same plan: same logits."""
-    merge = pytest.importorskip("casrap.heal.adapter")
+    merge = pytest.importorskip("casrap.profiles.adapter")
     from pathlib import Path
 
     if "delta_in_module_order" not in Path(merge.__file__).read_text():

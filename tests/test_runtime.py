@@ -12,10 +12,14 @@ from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, make_
 
 from casrap.errors import CheckpointError, InputError
 from casrap.runtime.adaptive import AdaptiveLM
-from casrap.runtime.bundle import RuntimeDefaults, load_bundle
-from casrap.measure.latency_model import LatencyFit, UnloadedLatencyModel
-from casrap.runtime.latency import LatencyModel
-from casrap.runtime.router import Router
+from casrap.decide.defaults import RuntimeDefaults
+from casrap.runtime.bundle import load_bundle
+from casrap.decide.latency_model import LatencyFit, UnloadedLatencyModel
+from casrap.decide.observation import OBSERVATION_FEATURES
+from casrap.decide.slowdown import SlowdownTracker, slowdown_feature
+
+TARGET = OBSERVATION_FEATURES.index("latency_target")
+from casrap.decide.router import Router
 from casrap.telemetry import FakeTelemetry
 
 PROMPT = "What is the capital of France?"
@@ -98,29 +102,105 @@ def test_budget_feature_follows_target_queue_and_wait(tiny):
     assert queued.budget_ratio == pytest.approx(1.5 / 2.0)  # (2.0 - 0.5) / (1 + 0.5 * 2) / 1.0
     default = router.decide(PROMPT, 10, 10)
     assert default.budget_ratio == router.defaults.budget_ratio
-    assert default.observation[-1] == pytest.approx(min(1.0, router.defaults.budget_ratio / 4))
+    assert default.observation[TARGET] == pytest.approx(min(1.0, router.defaults.budget_ratio / 4))
+
+
+class _Always:
+    """A policy that always answers with one action (to see when the Router asks it at all)."""
+
+    def __init__(self, action: int) -> None:
+        self.action, self.calls = action, 0
+
+    def predict(self, obs, deterministic=True):
+        self.calls += 1
+        return self.action, None
+
+
+def test_full_model_answers_without_policy_when_budget_is_ample_and_machine_idle(tiny):
+    adaptive, _ = _adaptive(tiny)
+    router = adaptive.router
+    router.policy = _Always(len(router.actions) - 1)  # a policy that would always prune
+    router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))
+    router.telemetry = FakeTelemetry(5)
+    router.slowdown.observe("none", router.slowdown.unloaded_step_s, now=router.clock())  # measured: unloaded speed
+    no_target = router.decide(PROMPT, 10, 10)
+    assert no_target.profile == "none" and no_target.rule == "no-target" and router.policy.calls == 0
+    far_above = router.decide(PROMPT, 10, 10, target_s=100.0)  # 100x the unloaded estimate, past the trained range
+    assert far_above.profile == "none" and far_above.rule == "ample-budget"
+    at_edge = router.decide(PROMPT, 10, 10, target_s=1.0)  # exactly the unloaded estimate
+    assert at_edge.profile == "none" and at_edge.rule == "ample-budget" and router.policy.calls == 0
+    tight = router.decide(PROMPT, 10, 10, target_s=0.5)
+    assert tight.rule == "" and tight.profile == router.actions[-1] and router.policy.calls == 1
+    router.slowdown.observe("none", 3 * router.slowdown.unloaded_step_s, now=router.clock(), reset=True)  # casrap runs 3x slow
+    loaded = router.decide(PROMPT, 10, 10, target_s=2.0)  # ample only if the machine were idle: the policy decides
+    assert loaded.rule == "" and router.policy.calls == 2
+    router.defaults.full_when_ample = False
+    router.decide(PROMPT, 10, 10)
+    assert router.policy.calls == 3
+
+
+def test_router_sets_threads_from_telemetry_for_policy_and_fixed_decisions(tiny):
+    import torch
+
+    from casrap.telemetry.threads import ThreadPolicy
+
+    adaptive, _ = _adaptive(tiny)
+    router = adaptive.router
+    router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))
+    router.threads = ThreadPolicy(machine_cores=4, available=4)
+    before = torch.get_num_threads()
+    try:
+        router.telemetry = _Reading(other_cpu_util=50.0)  # two of four cores busy elsewhere
+        d = router.decide(PROMPT, 10, 10, target_s=0.5)
+        assert d.threads == 2 == torch.get_num_threads()
+        assert d.observation[OBSERVATION_FEATURES.index("threads")] == pytest.approx(0.5)
+        router.telemetry = _Reading(other_cpu_util=0.0)
+        ids = adaptive.encode(PROMPT, 4)
+        fixed = router.fixed_decision("none", ids, 4)
+        assert fixed.threads == 4 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Reading:
+    """Telemetry that always reads the same (only what the thread rule looks at)."""
+
+    def __init__(self, other_cpu_util: float, run_queue: float = 0.0) -> None:
+        from casrap.telemetry.live import TelemetryReading
+
+        self.reading = TelemetryReading(cpu_util=0.0, mem_available_gb=8.0, gpu_util=0.0, vram_free_gb=0.0, battery=100.0,
+                                        mem_total_gb=16.0, vram_total_gb=0.0, other_cpu_util=other_cpu_util,
+                                        run_queue=run_queue, mem_pressure=0.0, on_battery=0.0)
+
+    def read(self):
+        return self.reading
 
 
 def test_router_observation_is_the_envs(tiny):
     """The router feeds the policy the same vector the environment would build."""
-    from casrap.envs.analysis import PromptAnalyzer
-    from casrap.envs.observation import observation_vector
+    from casrap.decide.analysis import PromptAnalyzer
+    from casrap.decide.observation import observation_vector
 
     adaptive, policy = _adaptive(tiny)
     adaptive.router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))
     adaptive.router.telemetry = FakeTelemetry(3)
-    adaptive.choose(PROMPT, max_new_tokens=10, latency_target_s=1.0)
+    adaptive.router.defaults.full_when_ample = False  # always ask the policy
+    decision = adaptive.choose(PROMPT, max_new_tokens=10, latency_target_s=1.0)
     r = FakeTelemetry(3).read()
     f = PromptAnalyzer(tiny.model, tiny.tokenizer, max_tokens=64).analyze(PROMPT)
-    expected = observation_vector(r, f.tokens, f.ppl, 1.0)
+    share = decision.threads / adaptive.router.threads.available
+    expected = observation_vector(r, f.tokens, f.ppl, 1.0, slowdown=decision.slowdown, thread_share=share)
     assert policy.seen[-1].tolist() == pytest.approx(expected.tolist(), abs=1e-4)  # budget less the (tiny) queue wait
 
 
-def test_latency_model_learns_full_speed_from_pruned_runs():
-    model = LatencyModel(prefill_s=0.0, decode_s=1.0, speed={"fast": 2.0})
-    model.observe("fast", prompt_tokens=10, new_tokens=11, ttft_s=0.05, total_s=0.55)  # 0.05 s/token on a 2x profile
-    assert model.decode_s == pytest.approx(0.1)
-    assert model.estimate(0, 10) == pytest.approx(1.0)
+def test_slowdown_normalises_each_profile_by_its_unloaded_speed_and_smooths():
+    tracker = SlowdownTracker(unloaded_step_s=0.1, speed={"fast": 2.0}, alpha=0.5)
+    assert tracker.is_stale(0.0)
+    assert tracker.observe("fast", 0.05, now=1.0) == pytest.approx(1.0)  # a 2x profile at 0.05 s/step is unloaded speed
+    assert tracker.observe("none", 0.3, now=2.0) == pytest.approx(2.0)  # 3x slow, averaged with the 1x before
+    assert tracker.observe("none", 0.4, now=3.0, reset=True) == pytest.approx(4.0)  # a probe replaces the average
+    assert not tracker.is_stale(3.0 + tracker.stale_after_s - 1) and tracker.is_stale(3.0 + tracker.stale_after_s + 1)
+    assert slowdown_feature(1.0) == 0.0 and slowdown_feature(4.0) == pytest.approx(0.5) and slowdown_feature(1e6) == 1.0
 
 
 # ---------------------------------------------------------------- AdaptiveLM

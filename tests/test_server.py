@@ -12,9 +12,9 @@ import pytest
 from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, tiny_bank
 
 from casrap.runtime.adaptive import AdaptiveLM
-from casrap.runtime.bundle import RuntimeDefaults
-from casrap.runtime.latency import LatencyModel
-from casrap.runtime.router import Router
+from casrap.decide.defaults import RuntimeDefaults
+from casrap.decide.latency_model import LatencyFit, UnloadedLatencyModel
+from casrap.decide.router import Router
 from casrap.runtime.server import PROFILE_HEADER, create_app
 from casrap.telemetry import FakeTelemetry
 
@@ -37,7 +37,7 @@ def server():
     lm = tiny_llama()
     bank = tiny_bank(lm)
     router = Router(bank, lm.tokenizer, BudgetPolicy(len(bank.names)), RuntimeDefaults(max_new_tokens=6), telemetry=FakeTelemetry(0),
-                    latency=LatencyModel(prefill_s=0.0, decode_s=0.1))
+                    unloaded=UnloadedLatencyModel(LatencyFit(0.0, 0.0, 0.1, 0.0)))
     adaptive = AdaptiveLM(router, lm.tokenizer, MODEL)
     port = _free_port()
     config = uvicorn.Config(create_app(adaptive), host="127.0.0.1", port=port, log_level="warning", lifespan="off")

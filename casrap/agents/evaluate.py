@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from casrap.agents.baselines import RandomPolicy, StaticPolicy
+from casrap.agents.ope import LoggedDecisions, epsilon_greedy_propensity, evaluate_offline
 from casrap.envs.replay import PruningReplayEnv
 
 
@@ -130,6 +131,14 @@ def _score(name: str, env: PruningReplayEnv, decisions: list[tuple[int, float]],
                        float(np.mean(kls)), float(np.mean(met)) if met else None, counts, [float(v) for v in r])
 
 
+def draw_decisions(env: PruningReplayEnv, budgets_per_context: int = 5, seed: int = 0) -> list[tuple[int, float]]:
+    """Every (context, budget ratio) pair a comparison scores: fixed by ``seed``, shared by all policies."""
+    rng = np.random.default_rng(seed)
+    lo, hi = env.reward_config.budget_range
+    draws = budgets_per_context if env.reward_config.kind == "slo" else 1
+    return [(c, float(rng.uniform(lo, hi))) for c in range(env.n_contexts) for _ in range(draws)]
+
+
 def compare_policies(
     env: PruningReplayEnv,
     policy: Policy | None,
@@ -139,10 +148,7 @@ def compare_policies(
     baselines: dict[str, Policy] | None = None,
 ) -> Comparison:
     """Score ``policy``, any learned ``baselines`` (e.g. LinUCB), every static action, random and the oracle."""
-    rng = np.random.default_rng(seed)
-    lo, hi = env.reward_config.budget_range
-    draws = budgets_per_context if env.reward_config.kind == "slo" else 1
-    decisions = [(c, float(rng.uniform(lo, hi))) for c in range(env.n_contexts) for _ in range(draws)]
+    decisions = draw_decisions(env, budgets_per_context, seed)
     env.reset(seed=seed)
     scores = []
     if policy is not None:
@@ -174,5 +180,51 @@ def compare_policies(
         comparison.captured_share = overall["captured_share"]
         if len(np.unique(loads)) > 1:
             comparison.by_load = {load: _paired(scores[0], statics, oracle_score, loads == load, prompts, seed)
-                                  for load in sorted(np.unique(loads), key=float)}
+                                  for load in sorted(np.unique(loads), key=lambda v: (not str(v).isdigit(), str(v)))}
     return comparison
+
+
+def off_policy_check(env: PruningReplayEnv, policy: Policy, comparison: Comparison, budgets_per_context: int = 5,
+                     seed: int = 0, epsilon: float = 0.2, policy_name: str = "policy") -> dict[str, Any]:
+    """Score ``policy`` from a behaviour log with SNIPS and DR, beside its replay value.
+
+    Replay has no live log, so one is simulated over the decisions the comparison
+    scored (same contexts, same budgets): an epsilon-greedy behaviour policy whose
+    greedy action is the best static action (what a cautious deployment serves while it
+    explores) acts with a fixed seed, and each decision keeps its observation, action,
+    recorded reward and propensity. The estimators see that log only; the replay value
+    (the policy's mean reward read from the recording on the same decisions) is the
+    truth they should land near, so ``error`` and ``covers_replay_value`` say how far
+    to trust them on live logs.
+    """
+    decisions = draw_decisions(env, budgets_per_context, seed)
+    n_actions = len(env.action_names)
+    greedy = env.action_names.index(comparison.best_static.removeprefix("static:"))
+    rng = np.random.default_rng([seed, 1])
+    observations, taken, rewards, targets, groups = [], [], [], [], []
+    for context, budget in decisions:
+        obs, _ = env.reset(options={"context": context, "budget_ratio": budget})
+        action = int(rng.integers(n_actions)) if rng.random() < epsilon else greedy
+        observations.append(np.asarray(obs, dtype=float))
+        taken.append(action)
+        rewards.append(env.outcome(action)[0])
+        targets.append(int(policy.predict(obs, deterministic=True)[0]))
+        groups.append(env.table.context_ids[context].rsplit("@", 1)[0])
+    propensities = epsilon_greedy_propensity(np.array(taken), np.full(len(taken), greedy), epsilon, n_actions)
+    logs = LoggedDecisions(np.array(observations), taken, rewards, propensities, groups, n_actions)
+    estimates = evaluate_offline(logs, np.array(targets), seed=seed)
+    truth = next(s.mean_reward for s in comparison.scores if s.name == policy_name)
+    for estimate in estimates.values():
+        lo, hi = estimate["ci95"]
+        estimate["error"] = estimate["value"] - truth
+        estimate["covers_replay_value"] = bool(lo <= truth <= hi)
+    return {"behaviour": {"kind": "epsilon-greedy", "greedy": env.action_names[greedy], "epsilon": epsilon, "seed": seed},
+            "n": len(logs), "n_prompts": int(len(np.unique(logs.groups))), "replay_value": truth,
+            "target_agrees_with_logged_action": float(np.mean(np.array(taken) == np.array(targets))), **estimates}
+
+
+def score_from_logs(records: list[dict[str, Any]], policy: Policy, n_actions: int, seed: int = 0) -> dict[str, Any]:
+    """SNIPS and DR estimates of ``policy``'s mean reward from live training records (``metrics.jsonl``)."""
+    logs = LoggedDecisions.from_records(records, n_actions)
+    targets = np.array([int(policy.predict(obs.astype(np.float32), deterministic=True)[0]) for obs in logs.observations])
+    return {"n": len(logs), "n_prompts": int(len(np.unique(logs.groups))), **evaluate_offline(logs, targets, seed=seed)}

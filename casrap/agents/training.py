@@ -4,26 +4,38 @@ Nothing is lost on interruption: every episode's metrics are appended (and flush
 to ``metrics.jsonl`` as it ends; the policy is saved every ``save_every`` episodes,
 on Ctrl-C or failure, and at the end, beside a ``.state.json`` that ``resume`` reads
 to continue in the same run folder.
+
+With ``TrainConfig.tensorboard`` set, SB3 gets it as ``tensorboard_log`` (its own
+scalars: exploration rate, TD loss) and the episode recorder writes casrap's per-episode
+scalars into the same event file: ``episode/reward``, ``episode/latency_s``,
+``episode/kl``, ``episode/speedup`` and ``choice/<profile>`` (each profile's share of the
+last ``CHOICE_WINDOW`` episodes), so ``tensorboard --logdir DIR`` shows the run live.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import LinearSchedule
 
 from casrap.agents.double_dqn import AgentConfig, DoubleDQN
+from casrap.agents.ope import epsilon_greedy_propensity
 from casrap.errors import CheckpointError
 from casrap.reports.runs import append_jsonl, new_run_dir, read_metrics
 
 log = logging.getLogger(__name__)
+
+CHOICE_WINDOW = 50  # episodes over which TensorBoard's choice/<profile> shares are taken
+TB_RUN_NAME = "casrap"  # SB3 writes DIR/casrap_N/ (N counts the runs in DIR)
 
 
 @dataclass
@@ -38,6 +50,7 @@ class TrainConfig:
         resume: continue from ``checkpoint`` and its state file.
         save_every: episodes between periodic checkpoints.
         agent: Double-DQN hyper-parameters.
+        tensorboard: folder for TensorBoard event files (SB3's ``tensorboard_log``); None: none.
     """
 
     episodes: int = 200
@@ -48,6 +61,7 @@ class TrainConfig:
     save_every: int = 25
     agent: AgentConfig = field(default_factory=AgentConfig)
     prompts_per_episode: int = 1
+    tensorboard: Path | None = None
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -139,10 +153,16 @@ def load_policy(checkpoint: Path, env: gym.Env | None = None) -> DoubleDQN:
 
 
 class EpisodeRecorder(BaseCallback):
-    """Appends one metrics record per finished step/episode and checkpoints."""
+    """Appends one metrics record per finished step/episode and checkpoints.
+
+    When SB3 logs to TensorBoard, each finished episode also becomes scalars there (see
+    the module docstring), written through SB3's own writer so that one event file holds
+    the whole run.
+    """
 
     def __init__(self, run_dir: Path, first_episode: int, save: Callable[[int], None], save_every: int,
-                 on_episode: Callable[[dict[str, Any]], None] | None, max_new_tokens: int | None) -> None:
+                 on_episode: Callable[[dict[str, Any]], None] | None, max_new_tokens: int | None,
+                 action_names: list[str] | None = None) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.episode = first_episode
@@ -150,9 +170,55 @@ class EpisodeRecorder(BaseCallback):
         self.save_every = save_every
         self.on_episode = on_episode
         self.max_new_tokens = max_new_tokens
+        self.action_names = list(action_names or [])
+        self.recent: deque[str] = deque(maxlen=CHOICE_WINDOW)
+        self.writer: Any = None
+
+    def _on_training_start(self) -> None:
+        from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+        for fmt in self.logger.output_formats:
+            if isinstance(fmt, TensorBoardOutputFormat):
+                self.writer = fmt.writer
+
+    def _on_training_end(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        step = record["episode"]
+        for key in ("reward", "latency_s", "kl", "speedup"):
+            value = record.get(key)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"episode/{key}", float(value), step)
+        profile = record.get("profile")
+        if profile is None:
+            return
+        self.recent.append(str(profile))
+        if profile not in self.action_names:
+            self.action_names.append(str(profile))
+        for name in self.action_names:
+            self.writer.add_scalar(f"choice/{name}", self.recent.count(name) / len(self.recent), step)
+
+    def _behaviour(self, env_index: int) -> dict[str, Any]:
+        """The observation the action was chosen on and its epsilon-greedy propensity, for off-policy evaluation.
+
+        Called before SB3 stores the transition and updates the exploration rate, so
+        ``_last_obs`` and ``exploration_rate`` are the ones the action was taken under;
+        before ``learning_starts`` SB3 samples uniformly (epsilon 1).
+        """
+        model: Any = self.model
+        obs = np.asarray(model._last_obs)[env_index]
+        greedy = int(model.policy.predict(obs, deterministic=True)[0])
+        warmup = self.num_timesteps - len(self.locals["infos"]) < model.learning_starts
+        eps = 1.0 if warmup else float(model.exploration_rate)
+        n_actions = int(model.action_space.n)
+        taken = int(np.asarray(self.locals["actions"]).ravel()[env_index])
+        return {"observation": [float(v) for v in obs], "greedy_action": greedy, "behaviour_epsilon": eps,
+                "propensity": epsilon_greedy_propensity(taken, greedy, eps, n_actions)}
 
     def _on_step(self) -> bool:
-        for info, done in zip(self.locals["infos"], self.locals["dones"]):
+        for env_index, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
             if "reward" not in info:
                 continue
             if done:
@@ -161,9 +227,12 @@ class EpisodeRecorder(BaseCallback):
             record["episode"] = self.episode
             record["timestep"] = int(self.num_timesteps)
             record["exploration_rate"] = float(self.model.exploration_rate)  # type: ignore[attr-defined]
+            record.update(self._behaviour(env_index))
             if self.max_new_tokens:
                 record.setdefault("max_new_tokens", self.max_new_tokens)
             append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if self.writer is not None and done:
+                self._to_tensorboard(record)
             if self.on_episode:
                 self.on_episode(record)
             if done and self.save_every and self.episode % self.save_every == 0:
@@ -204,11 +273,13 @@ def train(
         model.exploration_schedule = LinearSchedule(
             model.exploration_initial_eps, model.exploration_final_eps, model.exploration_fraction
         )
+        model.tensorboard_log = str(config.tensorboard) if config.tensorboard else None
     else:
         run_dir = new_run_dir(Path(config.reports_root), "train")
         done = 0
         total = config.episodes * config.prompts_per_episode
         model = DoubleDQN("MlpPolicy", env, seed=config.seed, verbose=0, device="cpu",
+                          tensorboard_log=str(config.tensorboard) if config.tensorboard else None,
                           **config.agent.sb3_kwargs(total, config.prompts_per_episode))
     base_state = read_state(checkpoint) if config.resume else {}
     meta = {"episodes": config.episodes, "seed": config.seed, "checkpoint": str(checkpoint), "agent": config.agent.to_dict(), **(run_meta or {})}
@@ -220,12 +291,14 @@ def train(
         write_state(checkpoint, {**base_state, "run_dir": str(run_dir), "episodes_done": episodes_done,
                                  "episodes_total": config.episodes, **(run_meta or {})})
 
-    recorder = EpisodeRecorder(run_dir, done, save, config.save_every, on_episode, max_new_tokens)
+    recorder = EpisodeRecorder(run_dir, done, save, config.save_every, on_episode, max_new_tokens,
+                               action_names=getattr(env, "action_names", None))
     remaining = max(0, (config.episodes - done) * config.prompts_per_episode)
     interrupted = False
     try:
         if remaining:
-            model.learn(total_timesteps=remaining, callback=recorder, reset_num_timesteps=not config.resume)
+            model.learn(total_timesteps=remaining, callback=recorder, reset_num_timesteps=not config.resume,
+                        tb_log_name=TB_RUN_NAME)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted after %d episodes; saving", recorder.episode)

@@ -106,27 +106,41 @@ def announce_lowrank_fit(lm: Any, names: list[str]) -> None:
         console.print(f"no low-rank basis for this model yet: fitting it on the calibration text (once; minutes on a CPU; cached at {path})")
 
 
+SLICING_KINDS = {"heads", "kvheads", "ffn", "shipped"}  # spec kinds whose profiles can be views of a reordered base
+
+
 def build_profiles(lm: Any, names: list[str], model: str, structural: bool | None = None, weight_norm: bool = False) -> Any:
-    """A ProfileBank for ``names`` on a loaded model, calibrating on first use."""
+    """A ProfileBank for ``names`` on a loaded model, calibrating on first use.
+
+    When a head/FFN spec or plan is asked for, the base is reordered by this command's
+    calibration before any profile is built (zero-copy profiles, whatever the order of
+    ``names``); the bank created afterwards inherits that layout.
+    """
+    from pathlib import Path
+
+    from casrap.profiles.bank import ProfileBank, needs_reorder
     from casrap.profiles.catalogue import parse_spec
     from casrap.profiles.factory import build_bank, is_plan_file
+    from casrap.profiles.plan import PruningPlan
 
-    needs_importance = any(n != "none" and not is_plan_file(n) and parse_spec(n)[0] != "lowrank" for n in names)
+    specs = [n for n in names if n != "none" and not is_plan_file(n)]
+    files = [PruningPlan.load(Path(n)) for n in names if is_plan_file(n)]
+    slicing = (structural is not False and any(parse_spec(n)[0] in SLICING_KINDS for n in specs)) or needs_reorder(files)
+    needs_importance = any(parse_spec(n)[0] != "lowrank" for n in specs) or slicing
     importance = importance_for(lm, weight_norm) if needs_importance else None
+    if slicing and importance is not None and importance.source.startswith("calibrated"):
+        ProfileBank(lm.model, base_model=model, importance=importance)  # reorders the base now (recorded on the model)
     announce_lowrank_fit(lm, names)
     return build_bank(lm.model, names, base_model=model, importance=importance, structural=structural, tokenizer=lm.tokenizer)
 
 
 def measure_latency_model(bank_or_model: Any, tokenizer: Any, telemetry: Any = None, force: bool = False) -> Any:
-    """The unloaded latency model, measured now with a progress bar (``force``: even if cached)."""
-    from casrap.measure.latency_model import latency_cache_path, load_or_fit_latency_model
-    from casrap.models.architecture import model_key
+    """The unloaded latency model, measured now with a progress bar (``force``: even if a
+    matching fit is cached; the new fit replaces it unless the machine was busy meanwhile)."""
+    from casrap.decide.latency_model import load_or_fit_latency_model
 
-    model = bank_or_model.model if hasattr(bank_or_model, "activate") else bank_or_model  # a bank, or the model itself
     with progress_bar() as bar:
         task = bar.add_task("timing the full model (latency model)", total=8)
-        latency = load_or_fit_latency_model(bank_or_model, tokenizer, telemetry=telemetry, cache=not force,
+        latency = load_or_fit_latency_model(bank_or_model, tokenizer, telemetry=telemetry, refit=force,
                                             progress=lambda i, n: bar.update(task, completed=i, total=n))
-    if force:
-        latency.save(latency_cache_path(model_key(model)))
     return latency

@@ -20,25 +20,36 @@ def heal(
     rank: int = typer.Option(8, "--rank", help="LoRA rank"),
     lr: float = typer.Option(5e-3, "--lr", help="AdamW learning rate"),
     batch: int = typer.Option(4, "--batch", help="sequences per step"),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="comma-separated projections that get a LoRA"),
+    targets: str = typer.Option("", help="comma-separated projections that get a LoRA (default: by profile kind, MLP for ffn-P, attention + MLP otherwise)"),
     lm_weight: float = typer.Option(0.0, "--lm-weight", help="add this x the LM loss to the KL (text healing)"),
     samples: int = typer.Option(256, "--samples", help="answers the full model writes to train prompts as healing text (cached)"),
-    continuations: int = typer.Option(0, "--continuations", help="also heal on N prose continuations the full model writes from calibration paragraph openings (cached; did not help ffn-25)"),
+    continuations: int = typer.Option(128, "--continuations", help="also heal on N prose continuations the full model writes from calibration sentence openings (cached)"),
+    topk: int = typer.Option(64, "--topk", help="teacher log-probabilities kept per token, computed once and cached (0: run the teacher every step)"),
+    select: Optional[str] = typer.Option(None, "--select", help="sweep and keep the best on the validation prose, e.g. 'lr=2e-3,5e-3;steps=75,150'"),
     task: Optional[str] = typer.Option(None, "--task", help="safety: tune on the safety task's train split and report test AUROC instead"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for the plan JSON and adapter (default checkpoints/heal/PROFILE+heal)"),
     ship: bool = typer.Option(False, "--ship", help="maintainers: also copy the healed plan and adapter into casrap/data/plans/<model>/"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Heal a pruned profile by distillation from the full model (resumable; writes a plan that references the adapter)."""
+    import time
+
     from casrap.heal.runner import HEAL_SUFFIX
+
+    began = time.perf_counter()
     from casrap.heal.train import HealConfig
 
     if task not in (None, "safety"):
         raise InputError(f"unknown task {task!r}; the one tuning task is safety")
     cfg = HealConfig(method=method, steps=steps or (60 if task else 75), rank=rank, lr=lr, batch=batch,
                      targets=[t.strip() for t in targets.split(",") if t.strip()], lm_weight=lm_weight, samples=samples,
-                     continuations=continuations)
+                     continuations=continuations, topk=topk)
     cfg.check()
+    from casrap.heal.evaluate import parse_select
+
+    grid = parse_select(select)
+    if task and grid:
+        raise InputError("--select applies to text healing, not --task")
     if method == "qlora":
         from casrap.heal.train import check_qlora
 
@@ -55,18 +66,18 @@ def heal(
         def on_progress(stage: str, done: int, total: int, loss: float) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
-            label = f"{stage} {name}" + (f" loss {loss:.3f}" if stage != "sampling" else "")
+            label = f"{stage} {name}" + (f" loss {loss:.3f}" if stage.startswith("healing") else "")
             bar.update(tasks[stage], completed=done, description=label)
 
         if task:
             from casrap.heal.task import tune_for_task
 
-            report = tune_for_task(lm, bank, name, cfg, output, progress=on_progress)
+            data = tune_for_task(lm, bank, name, cfg, output, progress=on_progress).to_dict()
         else:
-            from casrap.heal.runner import heal as run_heal
+            from casrap.heal.evaluate import heal_selected
 
-            report = run_heal(lm, bank, name, cfg, output, progress=on_progress)
-    data = report.to_dict()
+            data = heal_selected(lm, bank, name, cfg, output, select=grid, progress=on_progress)
+            data["wall_s"] = time.perf_counter() - began
     if ship:
         from casrap.heal.runner import ship as ship_plan
 
@@ -80,12 +91,19 @@ def heal(
             out.print(f"  {key}: {value:.3f}")
         out.print(f"wrote {data['plan']} (adapter {data['adapter']})")
         return
-    out.print(f"healed {name} in {data['train_s']:.0f} s ({data['steps']} steps, {data['tokens_seen']} tokens); loss {data['loss_first']:.3f} -> {data['loss_last']:.3f}")
-    for key, q in data["quality"].items():
-        out.print(f"  {key}: ppl {q['ppl']:.2f}, KL {q['kl']:.3f} on {q['corpus']} ({q['tokens']} tokens)")
-    if data["gap_recovered"] is not None:
-        out.print(f"log-perplexity gap recovered: {100 * data['gap_recovered']:.0f}%; memory of the healed profile beyond the base: {data['memory_overhead_mb']:.1f} MB")
-    out.print(f"wrote {data['plan']}: use it with -p {data['plan']}")
+    if len(data["candidates"]) > 1:
+        for c in data["candidates"]:
+            out.print(f"  candidate lr {c['lr']:g}, {c['steps']} steps: validation ppl {c['validation_ppl']:.2f} "
+                      f"(gap recovered {100 * c['validation_gap_recovered']:.0f}%, {c['train_s']:.0f} s)")
+    out.print(f"healed {name} with lr {data['lr']:g}, {data['steps']} steps on {', '.join(data['targets'])} in {data['train_s']:.0f} s "
+              f"({data['tokens_seen']} tokens); loss {data['loss_first']:.3f} -> {data['loss_last']:.3f}")
+    for split, rows in data["quality"].items():
+        for key, q in rows.items():
+            out.print(f"  {split:<10} {key}: ppl {q['ppl']:.2f}, KL {q['kl']:.3f} on {q['corpus']} ({q['tokens']} tokens)")
+    gaps = data["gap_recovered"]
+    out.print(f"log-perplexity gap recovered: validation {100 * gaps['validation']:.1f}%, test {100 * gaps['test']:.1f}%; "
+              f"memory of the healed profile beyond the base: {data['memory_overhead_mb']:.1f} MB")
+    out.print(f"wall time {data['wall_s']:.0f} s; wrote {data['plan']}: use it with -p {data['plan']}")
 
 
 def register(app: typer.Typer) -> None:

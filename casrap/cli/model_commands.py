@@ -111,10 +111,12 @@ def calibrate(
     dataset: str | None = typer.Option(None, help="CSV/JSONL with a prompt column (default: the bundled calibration text)"),
     max_tokens: int = typer.Option(256, help="tokens per calibration text"),
     output: Path | None = typer.Option(None, help="file to write (default: keyed to the model under CASRAP_HOME)"),
+    latency_only: bool = typer.Option(False, "--latency", help="only re-measure the unloaded latency model (for this device, dtype and thread policy)"),
 ) -> None:
     """Measure head, FFN-channel and layer importance from activations; save it.
 
     Other commands calibrate on first use; run this to recalibrate or to use your own text.
+    Either way the unloaded latency model is measured again afterwards.
     """
     from casrap.data.calibration import calibration_texts
     from casrap.data.prompts import load_prompts
@@ -122,6 +124,9 @@ def calibrate(
     from casrap.pruners.importance import default_calibration_path
 
     lm = load(model, device)
+    if latency_only:
+        _measure_latency(lm)
+        return
     texts = [p.text for p in load_prompts(dataset, split="train")][:samples] if dataset else calibration_texts(samples)
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(texts))
@@ -130,14 +135,23 @@ def calibrate(
     influence = ", ".join(f"{v:.3f}" for v in importance.layers.tolist())
     out.print(f"saved {importance.source} importance to {path}")
     out.print(f"block influence per layer: {influence}")
-    # the unloaded latency model latency targets are normalised by (per model and machine)
+    _measure_latency(lm)
+
+
+def _measure_latency(lm: object) -> None:
+    """The unloaded latency model latency targets are normalised by (per model, device, dtype,
+    thread policy and machine), measured now and cached unless the machine was busy."""
+    from casrap.decide.latency_model import LOAD_LIMIT_PCT
     from casrap.telemetry.live import LiveTelemetry
 
-    latency = measure_latency_model(lm.model, lm.tokenizer, LiveTelemetry(), force=True)
+    latency = measure_latency_model(lm.model, lm.tokenizer, LiveTelemetry(device=lm.model.device), force=True)
     fit, held = latency.fit, latency.holdout
-    out.print(f"unloaded latency model: TTFT {1e3 * fit.ttft_a:.1f} ms + {1e3 * fit.ttft_b:.3f} ms/prompt token, decode "
-              f"{1e3 * fit.decode_c:.1f} ms/token (+{1e6 * fit.decode_d:.1f} us per context token); held-out median error "
-              f"{100 * held.get('median_rel_error', float('nan')):.1f}% (other processes used {latency.other_cpu_util:.0f}% CPU meanwhile)")
+    out.print(f"unloaded latency model ({latency.device}, {latency.dtype}, threads {latency.threads}): TTFT {1e3 * fit.ttft_a:.1f} ms + "
+              f"{1e3 * fit.ttft_b:.3f} ms/prompt token, decode {1e3 * fit.decode_c:.1f} ms/token (+{1e6 * fit.decode_d:.1f} us per "
+              f"context token); held-out median error {100 * held.get('median_rel_error', float('nan')):.1f}% "
+              f"(other processes used {latency.other_cpu_util:.0f}% CPU meanwhile)")
+    if latency.other_cpu_util > LOAD_LIMIT_PCT:
+        out.print(f"[yellow]not cached:[/] other processes used more than {LOAD_LIMIT_PCT:.0f}% CPU; run casrap calibrate --latency on a quiet machine")
 
 
 def bench(
@@ -236,7 +250,7 @@ def bench_kv(
     """KV-cache compression for long prompts: KL on the full model's answer and decode speed, by prompt length."""
     import torch
 
-    from casrap.measure.kv import as_dicts, kv_study
+    from casrap.bench_kv import as_dicts, kv_study
     from casrap.pruners.kvcache import KVCompression
 
     lm = load(model, device)

@@ -1,4 +1,4 @@
-"""``casrap record``: the replay recording at scale (quality for every prompt, latency measured on a subset and modelled)."""
+"""``casrap record``: the replay recording (quality for every prompt, latency measured for every prompt, load and profile)."""
 
 from __future__ import annotations
 
@@ -13,42 +13,41 @@ from casrap.cli.rl import ProfilesOpt, interrupt_on_sigterm
 
 
 def record(
-    output: Path = typer.Option(Path("checkpoints/replay-v2.jsonl"), help="replay file to write (JSONL)"),
+    output: Path = typer.Option(Path("checkpoints/replay-v3.jsonl"), help="replay file to write (JSONL)"),
     work: Optional[Path] = typer.Option(None, help="folder for the resumable per-pass files (default: OUTPUT's stem + '.work')"),
     model: str = ModelOpt,
     device: str = DeviceOpt,
     profiles: Optional[list[str]] = ProfilesOpt,
     train_prompts: int = typer.Option(160, help="prompts from the fixed train split"),
     test_prompts: int = typer.Option(60, help="prompts from the fixed test split"),
-    loads: str = typer.Option("0,1,2", help="background load levels: numbers of CPU-burning worker processes"),
-    timed_prompts: int = typer.Option(8, help="prompts whose latency is measured at every load (the rest is modelled)"),
-    max_new_tokens: int = typer.Option(32),
-    timing_tokens: Optional[int] = typer.Option(None, help="new tokens per timed generation (default: --max-new-tokens); latency = TTFT + (max_new_tokens - 1) x median step"),
+    loads: str = typer.Option("0,1,2,bursty", help="background load levels: 0, 1, 2 busy cores, bursty"),
+    max_new_tokens: int = typer.Option(32, help="answer length the latencies and quality describe"),
+    timing_tokens: int = typer.Option(16, help="new tokens per timed generation; latency = TTFT + (max_new_tokens - 1) x median step"),
+    block: int = typer.Option(4, help="prompts timed at one load level before it changes"),
+    settle: float = typer.Option(1.5, help="seconds a new load level settles before timing"),
+    minutes: Optional[float] = typer.Option(None, help="stop timing after this many minutes (resume later with the same command)"),
+    quality_from: Optional[Path] = typer.Option(None, help="take quality (ppl, KL per prompt and profile) from this replay file "
+                                                           "where it has every profile, instead of measuring it again"),
     phase: str = typer.Option("all", help="quality | timing | all (a later run resumes and writes the file)"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Record prompts x load levels x profiles for the replay env: quality measured for every prompt, latency
-    measured on a subset with profiles interleaved and modelled for the rest (the file says which)."""
+    """Record prompts x load levels x profiles for the replay env: quality once per prompt and profile, latency measured
+    for every (prompt, load, profile) through the thread-aware Router, profiles interleaved. Resumable."""
+    from casrap.decide.router import Router
     from casrap.envs.record import (
-        RecordConfig, build_records, fit_models, quality_pass, recording_header, select_prompts, timed_subset, timing_pass,
+        RecordConfig, build_records, quality_pass, recording_header, seed_quality, select_prompts, timing_order, timing_pass,
     )
     from casrap.envs.replay import write_replay
     from casrap.errors import InputError
     from casrap.profiles.catalogue import default_catalogue
     from casrap.telemetry.live import LiveTelemetry
-    from casrap.telemetry.load import BackgroundLoad
-
-    def steady_load(workers: int) -> BackgroundLoad:  # every worker burns its core at 100% duty
-        return BackgroundLoad(workers=workers, intensity=1.0)
+    from casrap.telemetry.load import LoadLevels, parse_load_levels
 
     if phase not in {"quality", "timing", "all"}:
         raise InputError(f"--phase must be quality, timing or all, not {phase!r}")
-    try:
-        levels = tuple(int(x) for x in loads.split(","))
-    except ValueError:
-        raise InputError(f"--loads must be comma-separated worker counts like 0,1,2, not {loads!r}") from None
-    config = RecordConfig(train_prompts=train_prompts, test_prompts=test_prompts, loads=levels, timed_prompts=timed_prompts,
-                          max_new_tokens=max_new_tokens, timing_tokens=timing_tokens)
+    levels = tuple(parse_load_levels(loads))
+    config = RecordConfig(train_prompts=train_prompts, test_prompts=test_prompts, loads=levels, max_new_tokens=max_new_tokens,
+                          timing_tokens=timing_tokens, block=block, settle_s=settle)
     work = work or output.with_name(output.stem + ".work")
     work.mkdir(parents=True, exist_ok=True)
     lm = load(model, device)
@@ -56,6 +55,9 @@ def record(
     bank = build_profiles(lm, names, model)
     names = list(bank.names)
     prompts = select_prompts(config)
+    if quality_from is not None:
+        seeded = seed_quality(quality_from, prompts, names, work / "quality.jsonl")
+        out.print(f"quality of {seeded} prompts taken from {quality_from}")
     interrupt_on_sigterm()
     durations: dict[str, float] = {}
     started = time.perf_counter()
@@ -67,30 +69,35 @@ def record(
     if phase == "quality":
         out.print(f"quality of {len(quality)} prompts in {work / 'quality.jsonl'} ({durations['quality_s']:.0f} s)")
         return
-    timed = timed_subset(prompts, config.timed_prompts)
+    router = Router(bank, lm.tokenizer, policy=None, telemetry=LiveTelemetry())
+    _ = router.unloaded
+    ordered = timing_order(prompts)
+    deadline = time.time() + 60 * minutes if minutes else None
     t0 = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task(f"timing ({len(timed)} prompts x {len(levels)} loads x {len(names)} profiles)",
-                            total=len(timed) * len(levels) * len(names))
-        timing = timing_pass(bank, lm.tokenizer, timed, names, config, work / "timing.jsonl", LiveTelemetry(), steady_load,
-                             progress=lambda i, n: bar.update(task, completed=i))
-    durations["timing_s"] = time.perf_counter() - t0
+    with progress_bar() as bar, LoadLevels() as switch:
+        task = bar.add_task(f"timing ({len(ordered)} prompts x {len(levels)} loads x {len(names)} profiles)",
+                            total=len(ordered) * len(levels) * len(names))
+        timing = timing_pass(router, ordered, names, config, work / "timing.jsonl", switch,
+                             progress=lambda i, n: bar.update(task, completed=i), deadline=deadline)
+    durations["timing_s_this_run"] = time.perf_counter() - t0
+    if timing:
+        first, last = min(r["at"] for r in timing), max(r["at"] for r in timing)
+        durations["timing_wall_s"] = last - first
     if phase == "timing":
-        out.print(f"timing rows in {work / 'timing.jsonl'} ({durations['timing_s']:.0f} s)")
+        out.print(f"timing rows in {work / 'timing.jsonl'} ({durations['timing_s_this_run']:.0f} s)")
         return
-    models = fit_models(timing, config.max_new_tokens)
-    header = recording_header(model, bank, names, config, models, quality, timing, durations)
-    write_replay(output, header, build_records(quality, timing, names, models, config))
-    loo = [e["median_rel_error"] for by in models.errors.values() for e in by.values()]
-    summary = {"output": str(output), "prompts": len(quality), "loads": list(levels), "profiles": names,
-               "timed_prompts": len(timed), "durations_s": durations,
-               "median_loo_latency_error": float(sorted(loo)[len(loo) // 2]) if loo else None}
+    header = recording_header(model, bank, names, config, quality, timing, durations, router.threads.key())
+    records = list(build_records(quality, timing, names, config))
+    write_replay(output, header, records)
+    contexts = {(r["prompt_key"], r["load"]) for r in records}
+    summary = {"output": str(output), "prompts": len({k for k, _ in contexts}), "contexts": len(contexts),
+               "loads": list(levels), "profiles": names, "records": len(records), "durations_s": durations,
+               "thread_policy": router.threads.key()}
     if as_json:
         emit_json(summary)
     else:
-        console.print(f"wrote {output}: {len(quality)} prompts x {len(levels)} loads x {len(names)} profiles; "
-                      f"latency measured on {len(timed)} prompts, modelled elsewhere (median leave-one-prompt-out error "
-                      f"{100 * summary['median_loo_latency_error']:.1f}%)")
+        console.print(f"wrote {output}: {summary['contexts']} measured contexts ({summary['prompts']} prompts x "
+                      f"{len(levels)} loads) x {len(names)} profiles; every latency measured")
 
 
 def register(app: typer.Typer) -> None:

@@ -44,7 +44,7 @@ def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int,
 
 def ensure_latency_model(router: Any) -> None:
     """Measure the unloaded latency model on first use, visibly (seconds; cached per model and machine)."""
-    from casrap.measure.latency_model import latency_cache_path
+    from casrap.decide.latency_model import latency_cache_path
 
     if not latency_cache_path(router.bank.fingerprint).is_file():
         console.print("no latency model for this model on this machine yet: timing the full model once (seconds; cached)")
@@ -139,6 +139,7 @@ def train(
     save_every: int = typer.Option(25, help="episodes between checkpoints"),
     reports: Path = typer.Option(Path("reports"), help="parent folder of numbered run folders"),
     quiet: bool = typer.Option(False, "--quiet", help="no per-episode lines"),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="also log to TensorBoard in this folder (reward, latency, KL, profile shares per episode; `tensorboard --logdir DIR`)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train the Double-DQN controller (live on the model, or on a replay file)."""
@@ -149,6 +150,11 @@ def train(
     from casrap.telemetry.load import BackgroundLoad
 
     reward_cfg = _reward(reward, slo_lambda)
+    if tensorboard is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise InputError("--tensorboard needs the tensorboard package: pip install 'casrap[tb]'")
     if resume:
         saved = read_state(checkpoint)
         profiles = profiles or saved.get("profiles")
@@ -170,7 +176,8 @@ def train(
         trained_on = {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}
     # two workers at intensities 0, 0.5, 1 (the schedule's levels) burn about 0, 1 and 2 cores
     background = BackgroundLoad(workers=2).start() if background_load and not replay else None
-    config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every)
+    config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every,
+                         tensorboard=tensorboard)
     started = time.perf_counter()
     interrupt_on_sigterm()
     with progress_bar() as bar:
@@ -234,6 +241,7 @@ def test(
     slo_lambda: Optional[float] = typer.Option(None, "--slo-lambda", help="default: the one trained with"),
     budgets_per_context: int = typer.Option(20, help="latency budgets drawn per context (slo reward)"),
     bandit_steps: int = typer.Option(3000, help="replay: decisions LinUCB learns from on the train split, as a contextual-bandit baseline (0: none)"),
+    ope_epsilon: float = typer.Option(0.2, "--ope-epsilon", help="replay: exploration rate of the simulated epsilon-greedy behaviour log the policy is scored from off-policy (SNIPS, DR); 0: skip"),
     wikitext_samples: int = typer.Option(200, help="paragraphs of WikiText-2 (or the bundled prose) for perplexity"),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="comma-separated lm-eval tasks ('casrap_local' works offline)"),
     lm_eval_include: Optional[list[Path]] = typer.Option(None, "--lm-eval-include", help="folder of your own lm-eval task YAMLs (repeatable)"),
@@ -285,6 +293,10 @@ def test(
         _, _, _, _, info = rng_env.step(action)
         append_jsonl(run_dir / "metrics.jsonl", {**info, "episode": episode, "max_new_tokens": env.table.header.get("max_new_tokens")})
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), **comparison.to_dict()}
+    if replay and ope_epsilon > 0:
+        from casrap.agents.evaluate import off_policy_check
+
+        result["ope"] = off_policy_check(env, policy, comparison, budgets_per_context, seed, ope_epsilon)
     if lm is not None and wikitext_samples:
         result["perplexity"] = _profile_perplexity(lm, comparison, wikitext_samples)
     if lm_eval:
@@ -300,6 +312,11 @@ def test(
         emit_json(result)
         return
     out.print(comparison.markdown(), soft_wrap=True, markup=False)
+    if "ope" in result:
+        o = result["ope"]
+        out.print(f"off-policy estimates from a simulated epsilon-greedy log ({o['behaviour']['greedy']}, eps {o['behaviour']['epsilon']}, "
+                  f"{o['n']} decisions): " + ", ".join(f"{k.upper()} {o[k]['value']:+.4f} [{o[k]['ci95'][0]:+.4f}, {o[k]['ci95'][1]:+.4f}]"
+                                                       for k in ("snips", "dr")) + f"; replay value {o['replay_value']:+.4f}", soft_wrap=True, markup=False)
     if "perplexity" in result:
         out.print("perplexity on " + ", ".join(f"{k}: {v:.2f}" for k, v in result["perplexity"].items() if k != "corpus") + f" ({result['perplexity']['corpus']})")
     out.print(f"report: {run_dir / 'report.md'}")

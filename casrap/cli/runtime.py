@@ -92,17 +92,22 @@ def loadtest(
     budget_high: float = typer.Option(3.0),
     background_load: float = typer.Option(1.0, "--background-load", help="background CPU load intensity (0 = none)"),
     load_workers: int = typer.Option(1, help="background load processes"),
+    load_levels: Optional[str] = typer.Option(None, "--load-levels", help="sweep named load levels in one pass, e.g. 0,1,2,bursty (0/1/2 processes burning a core; bursty: two switching on and off); replaces --background-load/--load-workers"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="your prompts (CSV/JSONL with a prompt column); its fixed test split is used, as everywhere"),
     static: Optional[list[str]] = typer.Option(None, "--static", help="static profiles to compare (default: every bundle profile)"),
     seed: int = typer.Option(0),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of targets met vs quality loss"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of targets met vs quality loss, one panel per load level"),
     reports: Path = typer.Option(Path("reports"), help="parent of the numbered run folder holding requests.jsonl"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Policy vs full model vs static profiles on held-out prompts under background load."""
     from casrap.runtime.loadtest import LoadTestConfig, run_loadtest
+    from casrap.telemetry.load import parse_load_levels
 
     config = LoadTestConfig(prompts=prompts, max_new_tokens=max_new_tokens, budget_range=(budget_low, budget_high),
-                            background_load=background_load, load_workers=load_workers, static=list(static or []), seed=seed, url=url)
+                            background_load=background_load, load_workers=load_workers, static=list(static or []), seed=seed, url=url,
+                            source=str(prompts_file) if prompts_file else None,
+                            load_levels=parse_load_levels(load_levels) if load_levels else [])
     from casrap.reports import append_jsonl, new_run_dir
 
     lm = _adaptive(bundle, model, device)
@@ -119,14 +124,16 @@ def loadtest(
     if as_json:
         emit_json(result.to_dict())
         return
-    table = Table(title=f"casrap loadtest: {result.n} held-out prompts x {max_new_tokens} tokens, background load {background_load}, "
-                        f"targets {budget_low}-{budget_high} x full latency")
-    for col in ("runner", "targets met", "p50 s", "p95 s", "KL vs full", "overhead share", "profiles used"):
-        table.add_column(col, justify="left" if col in ("runner", "profiles used") else "right")
-    for row in result.rows:
-        table.add_row(row.name, f"{row.targets_met}/{row.n}", f"{row.p50_s:.2f}", f"{row.p95_s:.2f}", f"{row.mean_kl:.3f}",
-                      f"{100 * row.overhead_share:.1f}%", ", ".join(f"{k} {v}" for k, v in row.profiles.items()))
-    out.print(table)
+    for level in result.levels.values():
+        table = Table(title=f"casrap loadtest, load {level.level}: {level.n} held-out prompts x {max_new_tokens} tokens, "
+                            f"targets {budget_low}-{budget_high} x predicted unloaded full latency")
+        for col in ("runner", "targets met", "p50 s", "p90 s", "p99 s", "TTFT p50 s", "TPOT p50 ms", "KL vs full", "overhead", "profiles used"):
+            table.add_column(col, justify="left" if col in ("runner", "profiles used") else "right")
+        for row in level.rows:
+            table.add_row(row.name, f"{row.targets_met}/{row.n}", f"{row.p50_s:.2f}", f"{row.p90_s:.2f}", f"{row.p99_s:.2f}",
+                          f"{row.ttft_p50_s:.2f}", f"{1000 * row.tpot_p50_s:.1f}", f"{row.mean_kl:.3f}",
+                          f"{100 * row.overhead_share:.1f}%", ", ".join(f"{k} {v}" for k, v in row.profiles.items()))
+        out.print(table)
     for line in result.notes:
         out.print(line, markup=False, highlight=False)
 

@@ -19,6 +19,7 @@ def search(
     encodings: list[str] = typer.Option(["rates", "layers", "heads", "nsga2"], "--encoding", "-e", help="rates | layers | heads | nsga2 | ranks (low-rank projections; repeatable)"),
     sparsity: list[float] = typer.Option([0.2, 0.4], "--sparsity", help="targets for rates (FFN share), layers (share of layers) and ranks (share of projection parameters)"),
     ppl_tolerance: float = typer.Option(0.1, help="ranks: binary search for the largest reduction with search ppl <= (1 + this) x full"),
+    calibration_text: Optional[Path] = typer.Option(None, "--calibration-text", help="ranks: fit the low-rank projections on this task text (LLM-Sieve); later commands need CASRAP_LOWRANK_CALIBRATION=FILE to rebuild its plans"),
     head_sparsity: float = typer.Option(0.2, help="target share of kv groups removed by the head-mask GA"),
     population: int = typer.Option(12),
     generations: Optional[int] = typer.Option(None, help="generation cap (default 6; with --time-budget, no cap unless given)"),
@@ -57,6 +58,15 @@ def search(
         raise InputError("--workers must be 0 (in-process) or more")
     if generations is None:
         generations = 0 if time_budget is not None else 6
+    if calibration_text is not None:
+        import os
+
+        from casrap.pruners.lowrank import CALIBRATION_ENV, task_calibration
+
+        if not calibration_text.is_file():
+            raise InputError(f"--calibration-text {calibration_text}: no such file")
+        os.environ[CALIBRATION_ENV] = str(calibration_text.resolve())
+        task_calibration()  # unreadable or empty: one line now, not after the model loads
     lm = load(model, device)
     importance = importance_for(lm)
     if "ranks" in encodings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from casrap.envs.observation import OBSERVATION_FEATURES  # noqa: F401  (re-exported)
+from casrap.decide.observation import OBSERVATION_FEATURES  # noqa: F401  (re-exported)
 from casrap.envs.rewards import RewardConfig
 from casrap.profiles.catalogue import default_catalogue
 

@@ -14,7 +14,7 @@ import torch
 from gymnasium import spaces
 
 from casrap.data.prompts import Prompt, load_prompts
-from casrap.envs.analysis import PromptAnalyzer, PromptFeatures
+from casrap.decide.analysis import PromptAnalyzer, PromptFeatures
 from casrap.envs.config import OBSERVATION_FEATURES, EnvConfig
 from casrap.envs.rewards import RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
@@ -22,9 +22,8 @@ from casrap.measure.perplexity import mean_kl, next_token_logits, teacher_forced
 from casrap.measure.timing import check_prompt_fits
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL
-from casrap.runtime.bundle import RuntimeDefaults
-from casrap.runtime.generation import generate_timed
-from casrap.runtime.router import Router, build_observation
+from casrap.decide.defaults import RuntimeDefaults
+from casrap.decide.router import Execution, Router, build_observation
 from casrap.telemetry.live import LiveTelemetry, Telemetry, TelemetryReading
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class PruningEnv(gym.Env):
     5/10%, FFN 5/8%; specs and plan files (search, healing) can be added.
 
     ## Observation Space
-    ``Box(0, 1, (11,), float32)`` (observation spec v2, :mod:`casrap.envs.observation`):
+    ``Box(0, 1, (11,), float32)`` (observation spec v2, :mod:`casrap.decide.observation`):
 
     | idx | feature | normalisation |
     |-----|---------|---------------|
@@ -93,7 +92,7 @@ class PruningEnv(gym.Env):
     decide a reward), plus prompt analysis and profile switch time
     (``count_router_overhead``). The ``slo`` target is absolute: a multiple (drawn per
     episode) of the unloaded full model's predicted latency for this prompt
-    (:mod:`casrap.measure.latency_model`, measured once per model and machine).
+    (:mod:`casrap.decide.latency_model`, measured once per model and machine).
 
     ## Episode End
     After ``prompts_per_episode`` prompts; with the ``casrap`` reward, also at once
@@ -156,6 +155,7 @@ class PruningEnv(gym.Env):
         self._prompt: Prompt | None = None
         self._features: PromptFeatures | None = None
         self._reading: TelemetryReading | None = None
+        self._execution: Execution | None = None
         self._budget_ratio = float("inf")
         self._steps = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -182,8 +182,9 @@ class PruningEnv(gym.Env):
         return self._ids[prompt.id]
 
     def _timed_generate(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        """The full model's timed generation, by the runtime's timing code (EOS ignored)."""
-        out = generate_timed(self.model, self.tokenizer, ids, self.config.max_new_tokens, clock=self.clock, ignore_eos=True)
+        """The full model's timed generation through the Router (thread-aware execution, EOS ignored)."""
+        n = self.config.max_new_tokens
+        out = self.router.run(self.router.fixed_decision(FULL, ids, n), ids, n, ignore_eos=True).output
         return out.robust_latency_s, out.ttft_s, torch.tensor(out.token_ids, dtype=ids.dtype, device=ids.device)
 
     def baseline(self, prompt: Prompt, reading: TelemetryReading) -> Baseline:
@@ -204,11 +205,14 @@ class PruningEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         assert self._reading is not None and self._features is not None
-        return build_observation(self._reading, self._features, self._budget_ratio)
+        ex = self._execution
+        return build_observation(self._reading, self._features, self._budget_ratio,
+                                 ex.slowdown if ex else 1.0, ex.thread_share if ex else 1.0)
 
     def _next_prompt(self, prompt: Prompt | None = None) -> None:
         self._prompt = prompt or self.prompts[int(self.np_random.integers(len(self.prompts)))]
-        self._reading = self.telemetry.read()
+        self._execution = self.router.prepare()  # telemetry, threads and slowdown, as a live decision sees them
+        self._reading = self._execution.reading
         self._features = self.analyzer.analyze(self._prompt.text)
         self._encode(self._prompt)
         if self.config.reward.kind == "slo":
@@ -222,6 +226,8 @@ class PruningEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None and hasattr(self.telemetry, "reseed"):
             self.telemetry.reseed(seed)
+        if seed is not None:
+            self.router.forget_slowdown()  # a seeded episode starts from a fresh measurement, as its first did
         self.bank.activate(FULL)
         self._steps = 0
         self._next_prompt((options or {}).get("prompt"))

@@ -1,29 +1,26 @@
-"""``casrap record``: a replay recording at scale — hundreds of prompts x load levels x profiles.
-
-Measuring every (prompt, load, profile) generation would take days on 2 cores; most of
-it is not needed, because the figures split into two kinds:
+"""``casrap record``: the replay recording — prompts x load levels x profiles, every latency measured.
 
 - **Quality** (teacher-forced perplexity and KL of the full model's answer under each
   profile) does not depend on the machine's load: it is measured once per prompt and
-  profile, for every prompt (:func:`quality_pass`).
-- **Latency** depends on the profile, the load and the prompt length, and little else.
-  It is *measured* on a subset of prompts at every load level — profiles interleaved
-  in a rotating order within each (prompt, load) context, so the full model's baseline
-  shares the candidate's load context — and *modelled* for the others by a
-  per-(profile, load) :class:`~casrap.measure.latency_model.LatencyFit` of TTFT and the
-  median decode step (:func:`timing_pass`, :func:`build_records`). Every record says
-  whether its latency was measured or modelled, and the header holds each fit's
-  leave-one-prompt-out error on measured contexts it was not fitted on.
+  profile (:func:`quality_pass`).
+- **Latency** is measured for every (prompt, load level, profile) (:func:`timing_pass`):
+  TTFT plus the median decode step per further token, timed through the Router — so under
+  the same thread-aware execution that serves (threads set from telemetry before each
+  generation, OpenMP waiting passively) — with profiles interleaved in a rotating order
+  within each (prompt, load) context. Load levels are switched every few prompts by two
+  long-lived background workers (:class:`casrap.telemetry.load.LoadLevels`: ``0``, ``1``,
+  ``2`` busy cores, and ``bursty``), so an interrupted recording holds every level for the
+  prompts it finished. At the start of each context the Router's slowdown probe runs, and
+  the reading, thread count and slowdown taken then are the context's observation.
 
-Telemetry is read just before each measured decision (as the router does, right after
-the previous generation); a modelled context takes a reading measured at its load
-level. Both passes append to JSONL files in a work folder as they go, so an
-interrupted recording resumes where it stopped.
+Both passes append to JSONL files in a work folder as they go: an interrupted recording
+resumes where it stopped, without re-measuring what is done. A replay file is written
+from the contexts whose every profile was measured; each record says ``latency_source:
+measured``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,15 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from casrap.data.prompts import Prompt, load_prompts
-from casrap.envs.analysis import PromptAnalyzer
-from casrap.measure.latency_model import LatencyFit, LatencySample, cpu_name, fit_latency, fit_line, grouped_holdout_error
+from casrap.decide.analysis import PromptAnalyzer
+from casrap.decide.latency_model import LatencyFit, LatencySample, cpu_name, fit_latency
 from casrap.profiles.catalogue import FULL
-from casrap.runtime.generation import generate_timed
+from casrap.decide.generation import generate_timed
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -56,9 +52,7 @@ class RecordConfig:
     Attributes:
         train_prompts / test_prompts: how many prompts of each fixed split (spread
             evenly over the file, so every template and source is represented).
-        loads: background load levels, as numbers of CPU-burning worker processes.
-        timed_prompts: prompts whose latency is measured at every load level (half
-            from each split); the rest is modelled.
+        loads: background load levels (:data:`casrap.telemetry.load.LOAD_LEVELS`).
         max_new_tokens: answer length (EOS ignored, so latencies compare); every latency
             in the file is TTFT + (max_new_tokens - 1) x the median decode step.
         timing_tokens: new tokens per *timed* generation (default: max_new_tokens); fewer
@@ -66,16 +60,19 @@ class RecordConfig:
             ten times longer — and the median decode step still comes from several steps.
         analysis_tokens: leading prompt tokens the router scores (its overhead is counted).
         settle_s: seconds to let a new background load level settle before timing.
+        block: prompts timed at one level before the level changes (levels rotate per block).
+        seed: seeds the bursty level's schedule (per block).
     """
 
     train_prompts: int = 160
     test_prompts: int = 60
-    loads: tuple[int, ...] = (0, 1, 2)
-    timed_prompts: int = 8
+    loads: tuple[str, ...] = ("0", "1", "2", "bursty")
     max_new_tokens: int = 32
-    timing_tokens: int | None = None
+    timing_tokens: int | None = 16
     analysis_tokens: int = 64
-    settle_s: float = 3.0
+    settle_s: float = 1.5
+    block: int = 4
+    seed: int = 0
 
 
 def spread(items: list[Prompt], n: int) -> list[Prompt]:
@@ -90,13 +87,18 @@ def select_prompts(config: RecordConfig, source: str | None = None) -> list[Prom
     return spread(load_prompts(source, split="train"), config.train_prompts) + spread(load_prompts(source, split="test"), config.test_prompts)
 
 
-def timed_subset(prompts: list[Prompt], n: int) -> list[Prompt]:
-    """Half train, half test prompts, spread by prompt length so the fits see short and long ones."""
-    out: list[Prompt] = []
-    for split in ("train", "test"):
-        pool = sorted((p for p in prompts if p.split == split), key=lambda p: (len(p.text), p.key))
-        out += spread(pool, (n + (split == "train")) // 2)
-    return out
+def timing_order(prompts: list[Prompt]) -> list[Prompt]:
+    """Test and train prompts alternating (then the rest), so a recording cut short holds both splits.
+
+    The test split is what every reported figure is computed on, and it is the smaller:
+    alternating one for one measures all of it first.
+    """
+    test = [p for p in prompts if p.split == "test"]
+    train = [p for p in prompts if p.split != "test"]
+    ordered: list[Prompt] = []
+    for i in range(max(len(test), len(train))):
+        ordered += [pool[i] for pool in (test, train) if i < len(pool)]
+    return ordered
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -165,164 +167,191 @@ def quality_pass(bank: Any, tokenizer: Any, prompts: list[Prompt], profiles: lis
     return {p.key: done[p.key] for p in prompts}
 
 
-def timing_pass(bank: Any, tokenizer: Any, prompts: list[Prompt], profiles: list[str], config: RecordConfig, path: Path,
-                telemetry: Any, load_factory: Callable[[int], Any] | None, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Measure every profile on ``prompts`` at every load level, profiles interleaved per context.
+def timing_pass(router: Any, prompts: list[Prompt], profiles: list[str], config: RecordConfig, path: Path,
+                levels: Any | None, progress: Progress | None = None, sleep: Callable[[float], None] = time.sleep,
+                deadline: float | None = None) -> list[dict[str, Any]]:
+    """Measure every profile on ``prompts`` at every load level through ``router`` (thread-aware), appending rows.
 
-    ``load_factory(workers)`` starts a background load (a context manager) or returns
-    None for zero workers. Telemetry is read before every generation; the reading
-    taken before a context's first generation is the context's observation.
+    ``levels`` switches the background load (a :class:`~casrap.telemetry.load.LoadLevels`,
+    or None to record level ``"0"`` only as the machine is). Prompts go in blocks of
+    ``config.block``; within a block each level in turn (the first level rotates per
+    block), within a level each prompt, within a prompt each profile in a rotating order.
+    Stops cleanly (between contexts) at ``deadline`` (``time.time()``), keeping what is done.
     """
     rows = _read_rows(path)
-    done = {(r["prompt_key"], r["load"], r["profile"]) for r in rows}
-    analyzer = PromptAnalyzer(bank.model, tokenizer, max_tokens=config.analysis_tokens)
+    done = {(r["prompt_key"], str(r["load"]), r["profile"]) for r in rows}
+    bank, tokenizer, analyzer = router.bank, router.tokenizer, router.analyzer
     device = next(bank.model.parameters()).device
+    n_tokens = config.timing_tokens or config.max_new_tokens
     total = len(config.loads) * len(prompts) * len(profiles)
     count = len(done)
-    for load in config.loads:
-        if all((p.key, load, name) in done for p in prompts for name in profiles):
-            continue
-        background = load_factory(load) if (load_factory and load > 0) else None
-        try:
-            if background is not None:
-                background.__enter__()
-            time.sleep(config.settle_s if load > 0 else 0.0)
-            bank.activate(FULL)
-            warm = analyzer.encode(prompts[0].text).to(device)
-            for name in profiles:  # one untimed pass per profile at this load: caches and allocator warm
-                with bank.using(name):
-                    generate_timed(bank.model, tokenizer, warm, 4, ignore_eos=True)
-            telemetry.read()
-            for j, prompt in enumerate(prompts):
+    warmed: set[str] = set()
+    for b in range(0, len(prompts), max(config.block, 1)):
+        block = prompts[b: b + config.block]
+        shift = (b // max(config.block, 1)) % len(config.loads)
+        for level in list(config.loads[shift:]) + list(config.loads[:shift]):
+            todo = [p for p in block if any((p.key, level, name) not in done for name in profiles)]
+            if not todo:
+                continue
+            if deadline is not None and time.time() > deadline:
+                return rows
+            if levels is not None:
+                levels.set(level, seed=config.seed * 100003 + b)
+                sleep(config.settle_s)
+            if level not in warmed:  # one untimed pass per profile at this level: caches and allocator warm
+                warm = analyzer.encode(block[0].text).to(device)
+                router.prepare()
+                for name in profiles:
+                    with bank.using(name):
+                        generate_timed(bank.model, tokenizer, warm, 4, ignore_eos=True)
+                warmed.add(level)
+            for j, prompt in enumerate(todo):
                 ids = analyzer.encode(prompt.text).to(device)
-                order = profiles[j % len(profiles):] + profiles[: j % len(profiles)]  # rotate who goes first
-                context_reading = None
-                for name in order:
-                    if (prompt.key, load, name) in done:
+                context = router.prepare(force_probe=True)  # the context's observation: reading, threads, slowdown
+                analyzer._cache.pop(prompt.text, None)
+                bank.activate(FULL)
+                t0 = time.perf_counter()
+                features = analyzer.analyze(prompt.text)  # the router's analysis, timed under this load and thread count
+                analysis_s = time.perf_counter() - t0
+                shift_p = (b + j) % len(profiles)
+                for name in profiles[shift_p:] + profiles[:shift_p]:
+                    if (prompt.key, level, name) in done:
                         continue
-                    reading = telemetry.read()
-                    context_reading = context_reading or reading
-                    analyzer._cache.pop(prompt.text, None)
-                    bank.activate(FULL)
-                    features = analyzer.analyze(prompt.text)  # the router's overhead, timed under this load
-                    t0 = time.perf_counter()
-                    bank.activate(name)
-                    switch_s = time.perf_counter() - t0
-                    try:
-                        out = generate_timed(bank.model, tokenizer, ids, config.timing_tokens or config.max_new_tokens, ignore_eos=True)
-                    finally:
-                        bank.activate(FULL)
-                    row = {"prompt_key": prompt.key, "prompt_id": prompt.id, "split": prompt.split, "load": load, "profile": name,
-                           "input_tokens": int(ids.shape[1]), "ttft_s": out.ttft_s, "decode_s": out.decode_median_s,
-                           "generation_s": out.generation_s, "new_tokens": len(out.token_ids), "analysis_s": features.analysis_s,
-                           "switch_s": switch_s, "telemetry": reading.to_dict(), "context_telemetry": context_reading.to_dict(),
-                           "at": time.time()}
+                    decision = router.fixed_decision(name, ids, n_tokens)
+                    out = router.run(decision, ids, n_tokens, ignore_eos=True).output
+                    row = {"prompt_key": prompt.key, "prompt_id": prompt.id, "split": prompt.split, "load": level,
+                           "profile": name, "input_tokens": int(ids.shape[1]), "ttft_s": out.ttft_s,
+                           "decode_s": out.decode_median_s, "generation_s": out.generation_s, "new_tokens": len(out.token_ids),
+                           "analysis_s": analysis_s, "prompt_tokens": features.tokens, "switch_s": 0.0,
+                           "threads": decision.threads, "threads_s": decision.threads_s, "telemetry_s": decision.telemetry_s,
+                           "context_threads": context.threads, "thread_share": context.thread_share,
+                           "slowdown": context.slowdown, "probe_s": context.probe_s,
+                           "context_telemetry": context.reading.to_dict(), "at": time.time()}
                     _append(path, row)
                     rows.append(row)
-                    done.add((prompt.key, load, name))
+                    done.add((prompt.key, level, name))
                     count += 1
                     if progress:
                         progress(count, total)
-        finally:
-            if background is not None:
-                background.__exit__(None, None, None)
     return rows
 
 
-@dataclass
-class LatencyModels:
-    """Per (profile, load) fits of generation latency, and per load of the router's analysis cost."""
-
-    fits: dict[str, dict[str, LatencyFit]] = field(default_factory=dict)  # load -> profile -> fit
-    errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # load -> profile -> LOO error
-    analysis: dict[str, tuple[float, float]] = field(default_factory=dict)  # load -> (intercept, slope per token)
-    switch_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"fits": {ld: {p: f.to_dict() for p, f in by.items()} for ld, by in self.fits.items()},
-                "loo_errors": self.errors, "analysis": self.analysis, "switch_s": self.switch_s}
+def unloaded_fit(rows: list[dict[str, Any]]) -> LatencyFit:
+    """The full model's latency line on level ``0`` of this recording: what targets are multiples of."""
+    idle = [r for r in rows if str(r["load"]) == "0" and r["profile"] == FULL]
+    if not idle:
+        raise ValueError("the recording has no level-0 full-model timings")
+    return fit_latency([LatencySample(r["input_tokens"], r["ttft_s"], r["decode_s"], r["new_tokens"]) for r in idle])
 
 
-def fit_models(rows: list[dict[str, Any]], new_tokens: int) -> LatencyModels:
-    models = LatencyModels()
-    for load in sorted({str(r["load"]) for r in rows}, key=float):
-        at = [r for r in rows if str(r["load"]) == load]
-        models.fits[load], models.errors[load] = {}, {}
-        for name in sorted({r["profile"] for r in at}):
-            mine = [r for r in at if r["profile"] == name]
-            samples = [LatencySample(r["input_tokens"], r["ttft_s"], r["decode_s"], r["new_tokens"]) for r in mine]
-            models.fits[load][name] = fit_latency(samples)
-            models.errors[load][name] = grouped_holdout_error(samples, [r["prompt_key"] for r in mine], new_tokens)
-        models.analysis[load] = fit_line(np.array([float(min(r["input_tokens"], 64)) for r in at]),
-                                         np.array([float(r["analysis_s"]) for r in at]))
-    models.switch_s = statistics.median(float(r["switch_s"]) for r in rows) if rows else 0.0
-    return models
-
-
-def _pick(readings: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """A measured reading for a modelled context, chosen by the prompt key (stable, no seed)."""
-    return readings[int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % len(readings)]
+def profile_speeds(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Unloaded decode speed of each profile relative to the full model: median over level-0 contexts of the paired ratio."""
+    by_context: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if str(r["load"]) == "0" and r["decode_s"] > 0:
+            by_context.setdefault(r["prompt_key"], {})[r["profile"]] = float(r["decode_s"])
+    ratios: dict[str, list[float]] = {}
+    for steps in by_context.values():
+        if FULL in steps:
+            for name, step in steps.items():
+                ratios.setdefault(name, []).append(steps[FULL] / step)
+    return {name: float(statistics.median(v)) for name, v in ratios.items() if v}
 
 
 def build_records(quality: dict[str, dict[str, Any]], timing: list[dict[str, Any]], profiles: list[str],
-                  models: LatencyModels, config: RecordConfig) -> Iterator[dict[str, Any]]:
-    """One replay record per (prompt, load, profile): measured latency where timed, else modelled."""
+                  config: RecordConfig) -> Iterator[dict[str, Any]]:
+    """One replay record per (prompt, load, profile), for every context whose profiles were all measured."""
     n = config.max_new_tokens
-    measured = {(r["prompt_key"], str(r["load"]), r["profile"]): r for r in timing}
-    readings = {ld: [r["telemetry"] for r in timing if str(r["load"]) == ld] for ld in models.fits}  # every measured reading
-    unloaded = models.fits[min(models.fits, key=float)][FULL]  # the lowest load level: 0 background workers
-    for key, q in quality.items():
-        predicted_full = unloaded.predict(q["input_tokens"], n)
-        for load in models.fits:
-            timed = [measured.get((key, load, p)) for p in profiles]
-            if all(timed):
-                latency = {p: r["ttft_s"] + (n - 1) * r["decode_s"] + r["analysis_s"] + r["switch_s"] for p, r in zip(profiles, timed)}
-                source, telemetry = "measured", timed[0]["context_telemetry"]  # type: ignore[index]
-            else:
-                a, b = models.analysis[load]
-                analysis = max(a + b * min(q["prompt_tokens"], 64), 0.0)
-                latency = {p: models.fits[load][p].predict(q["input_tokens"], n) + analysis + models.switch_s for p in profiles}
-                source, telemetry = "modelled", _pick(readings[load], key)
-            telemetry = {k: round(float(v), 3) for k, v in telemetry.items()}  # a few MB for the whole file
-            for p in profiles:
-                yield {
-                    "prompt_id": q["prompt_id"], "prompt_key": key, "split": q["split"], "category": q["category"], "load": int(load),
-                    "profile": p, "latency_s": round(latency[p], 5), "latency_source": source,
-                    "baseline_latency_s": round(latency[FULL], 5), "predicted_full_s": round(predicted_full, 5),
-                    "ppl": round(q["ppl"][p], 5), "kl": round(q["kl"][p], 6), "baseline_ppl": round(q["ppl"][FULL], 5),
-                    "prompt_tokens": q["prompt_tokens"], "input_tokens": q["input_tokens"], "prompt_ppl": round(q["prompt_ppl"], 4),
-                    "telemetry": telemetry,
-                }
+    measured: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in timing:
+        measured.setdefault((r["prompt_key"], str(r["load"])), {})[r["profile"]] = r
+    unloaded = unloaded_fit(timing)
+    for (key, load), by_profile in measured.items():
+        q = quality.get(key)
+        if q is None or any(p not in by_profile or p not in q["ppl"] for p in profiles):
+            continue
+        first = by_profile[profiles[0]]
+        latency = {p: r["ttft_s"] + (n - 1) * r["decode_s"] + r["analysis_s"] + r["switch_s"] + r["threads_s"] + r["telemetry_s"]
+                   for p, r in by_profile.items()}
+        telemetry = {k: round(float(v), 3) for k, v in first["context_telemetry"].items()}
+        for p in profiles:
+            r = by_profile[p]
+            yield {
+                "prompt_id": q["prompt_id"], "prompt_key": key, "split": q["split"], "category": q["category"], "load": load,
+                "profile": p, "latency_s": round(latency[p], 5), "latency_source": "measured",
+                "baseline_latency_s": round(latency[FULL], 5), "predicted_full_s": round(unloaded.predict(q["input_tokens"], n), 5),
+                "ppl": round(q["ppl"][p], 5), "kl": round(q["kl"][p], 6), "baseline_ppl": round(q["ppl"][FULL], 5),
+                "prompt_tokens": q["prompt_tokens"], "input_tokens": q["input_tokens"], "prompt_ppl": round(q["prompt_ppl"], 4),
+                "telemetry": telemetry, "slowdown": round(float(first["slowdown"]), 4),
+                "thread_share": round(float(first["thread_share"]), 4), "threads": int(r["threads"]),
+                "decode_s": round(float(r["decode_s"]), 6), "ttft_s": round(float(r["ttft_s"]), 6),
+            }
 
 
-def recording_header(model: str, bank: Any, profiles: list[str], config: RecordConfig, models: LatencyModels,
-                     quality: dict[str, dict[str, Any]], timing: list[dict[str, Any]], durations: dict[str, float]) -> dict[str, Any]:
+def recording_header(model: str, bank: Any, profiles: list[str], config: RecordConfig, quality: dict[str, dict[str, Any]],
+                     timing: list[dict[str, Any]], durations: dict[str, float], thread_policy: str,
+                     dropped: dict[str, str] | None = None) -> dict[str, Any]:
     import transformers
 
-    import casrap
+    from casrap.version import package_version
 
-    cpu = cpu_name()
-    splits = [q["split"] for q in quality.values()]
+    contexts = {(r["prompt_key"], str(r["load"])) for r in timing}
+    timed_keys = {k for k, _ in contexts}
+    splits = [quality[k]["split"] for k in timed_keys if k in quality]
     return {
         "model": model, "fingerprint": bank.fingerprint, "profiles": profiles, "max_new_tokens": config.max_new_tokens,
         "descriptions": {n: bank.profile(n).plan.description for n in profiles},
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "device": str(next(bank.model.parameters()).device)},
-        "versions": {"casrap": casrap.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
+                    "device": str(next(bank.model.parameters()).device)},
+        "versions": {"casrap": package_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
+        "thread_policy": thread_policy, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "config": asdict(config), "prompts": {"train": splits.count("train"), "test": splits.count("test")},
-        "loads": {"unit": "background worker processes, each burning one core at 100% duty",
-                  "levels": sorted({int(r["load"]) for r in timing})},
+        "loads": {"unit": "background worker processes, each burning one core; bursty: two switching on/off (exponential, mean 1.5 s)",
+                  "levels": sorted({str(r["load"]) for r in timing})},
+        "dropped_profiles": dropped or {},
         "how_measured": {
             "quality": "teacher-forced ppl and mean KL of the full model's greedy answer (max_new_tokens, EOS ignored) under each "
-                       "profile, one forward pass per prompt and profile, measured for every prompt (load-independent)",
-            "latency": "TTFT + (max_new_tokens - 1) x median decode step (timed generations may be shorter: timing_tokens) + the router's prompt analysis + profile switch; "
-                       "'measured' records were timed with profiles interleaved in a rotating order per (prompt, load) context; "
-                       "'modelled' records use the per-(profile, load) fit in latency_models, whose leave-one-prompt-out "
-                       "relative error on measured contexts is loo_errors",
-            "telemetry": "read just before each measured decision; a modelled context takes a reading measured at its load level",
-            "predicted_full_s": "the unloaded (load 0) full-model fit at this prompt length: latency targets are multiples of it",
+                       "profile, one forward pass per prompt and profile (load-independent)",
+            "latency": "every record measured: TTFT + (max_new_tokens - 1) x median decode step of a timing_tokens-token "
+                       "generation through the Router (threads from telemetry), + prompt analysis + telemetry + thread change; "
+                       "profiles interleaved in a rotating order per (prompt, load) context",
+            "telemetry": "read at the start of the context, with the Router's slowdown probe and thread choice",
+            "predicted_full_s": "this recording's level-0 full-model fit at this prompt length: latency targets are multiples of it",
         },
-        "timed_prompts": sorted({r["prompt_key"] for r in timing}),
-        "latency_models": models.to_dict(), "durations_s": durations,
+        "unloaded_fit": unloaded_fit(timing).to_dict(), "profile_speed": profile_speeds(timing),
+        "durations_s": durations,
     }
+
+
+def seed_quality(source: str | Path, prompts: list[Prompt], profiles: list[str], path: Path) -> int:
+    """Copy quality (ppl, KL per profile) of ``prompts`` from an earlier replay file into the work file.
+
+    Quality does not depend on load or threads, so a re-recording of latency keeps it; only
+    prompts that file has for *every* profile are taken (the rest are measured), and rows
+    already in the work file are left alone. Returns how many prompts were taken.
+    """
+    from casrap.envs.replay import _read_lines
+
+    have = {r["prompt_key"] for r in _read_rows(path)}
+    wanted = {p.key: p for p in prompts if p.key not in have}
+    found: dict[str, dict[str, Any]] = {}
+    for line in _read_lines(source)[1:]:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        key = r.get("prompt_key")
+        if key not in wanted:
+            continue
+        row = found.setdefault(key, {"prompt_id": wanted[key].id, "prompt_key": key, "split": wanted[key].split,
+                                     "category": wanted[key].category, "prompt_tokens": r["prompt_tokens"],
+                                     "input_tokens": r["input_tokens"], "prompt_ppl": r["prompt_ppl"], "answer": [],
+                                     "ppl": {}, "kl": {}, "quality_from": str(source)})
+        row["ppl"][r["profile"]] = r["ppl"]
+        row["kl"][r["profile"]] = r["kl"]
+    taken = 0
+    for key, row in found.items():
+        if all(p in row["ppl"] for p in profiles):
+            _append(path, row)
+            taken += 1
+    return taken

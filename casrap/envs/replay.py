@@ -28,7 +28,10 @@ import numpy as np
 from gymnasium import spaces
 
 from casrap.envs.config import OBSERVATION_FEATURES
-from casrap.envs.observation import observation_vector
+from casrap.decide.observation import OBSERVATION_FEATURES as _FEATURES
+from casrap.decide.observation import observation_vector
+
+TARGET_INDEX = _FEATURES.index("latency_target")
 from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 
@@ -50,7 +53,7 @@ class ReplayTable:
     splits: np.ndarray  # [C] str
     prompt_keys: np.ndarray  # [C] str: text keys of the prompts (``Prompt.key``), to check train/test overlap
     categories: np.ndarray  # [C] str
-    base_obs: np.ndarray  # [C, F-1] normalised features without the latency target
+    base_obs: np.ndarray  # [C, F] normalised features; the latency target is set per episode
     latency: np.ndarray  # [C, A] seconds, including router overhead
     baseline_latency: np.ndarray  # [C]
     ppl: np.ndarray  # [C, A] teacher-forced ppl of the full model's answer
@@ -133,7 +136,9 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
     base_obs, lat, ppl, kl, blat, bppl, splits, cats, pkeys, pfull, measured = [], [], [], [], [], [], [], [], [], [], []
     for key in keys:
         first = complete[key]["first"]
-        base_obs.append(observation_vector(first["telemetry"], first["prompt_tokens"], first["prompt_ppl"], 0.0)[:-1])
+        base_obs.append(observation_vector(first["telemetry"], first["prompt_tokens"], first["prompt_ppl"], 0.0,
+                                           slowdown=float(first.get("slowdown", 1.0)),
+                                           thread_share=float(first.get("thread_share", 1.0))))
         rows = [complete[key]["by_profile"][p] for p in profiles]
         pfull.append(first.get("predicted_full_s"))
         measured.append([r.get("latency_source", "measured") == "measured" for r in rows])
@@ -205,8 +210,9 @@ class PruningReplayEnv(gym.Env):
             self._budget_ratio = float(self.np_random.uniform(lo, hi)) if budget_ratio is None else float(budget_ratio)
         else:
             self._budget_ratio = float("inf")
-        target_feature = observation_vector({}, 0, 0.0, self._budget_ratio)[-1]
-        self._obs = np.append(self.table.base_obs[self._context], np.float32(target_feature)).astype(np.float32)
+        target_feature = observation_vector({}, 0, 0.0, self._budget_ratio)[TARGET_INDEX]
+        self._obs = self.table.base_obs[self._context].astype(np.float32).copy()
+        self._obs[TARGET_INDEX] = np.float32(target_feature)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)

@@ -1,6 +1,6 @@
 """Healing: LoRA / QLoRA adapters that recover what pruning costs, as precomputed profiles.
 
-- :mod:`casrap.heal.adapter`: the adapter on disk and the one function that merges it
+- :mod:`casrap.profiles.adapter`: the adapter on disk and the one function that merges it
   into a profile's own module copies (the bank calls it);
 - :mod:`casrap.heal.data`: healing text (calibration text + the full model's own answers
   to training prompts), disjoint from every evaluation text;

@@ -10,9 +10,11 @@ keyed to the model, so every profile of one model heals on the same text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from casrap.paths import casrap_home
 
 log = logging.getLogger(__name__)
 SAMPLES_VERSION = 1
+CONTINUATIONS_VERSION = 2
 
 
 def samples_path(model_key: str, count: int, new_tokens: int, seed: int) -> Path:
@@ -75,29 +78,57 @@ def healing_texts(
     progress: Callable[[int, int], None] | None = None, continuations: int = 0,
 ) -> list[str]:
     """Calibration paragraphs + ``samples`` cached answers of the full model to train prompts
-    (+ ``continuations`` prose continuations of calibration paragraph openings)."""
+    (+ ``continuations`` prose continuations of calibration sentence openings, each
+    returned with its opening)."""
     from casrap.data.calibration import calibration_corpus
 
     texts = calibration_corpus().paragraphs()
-    if samples <= 0:
+    if samples <= 0 and continuations <= 0:
         return texts
     path = samples_path(model_key, samples, new_tokens, seed)
-    if not path.is_file():
+    if samples > 0 and not path.is_file():
         prompts = training_prompts()
         picked = [prompts[(i * 7919) % len(prompts)] for i in range(samples)] if len(prompts) < samples else prompts[:: max(1, len(prompts) // samples)][:samples]
         answers = sample_answers(model, tokenizer, picked, new_tokens=new_tokens, seed=seed, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"answers": answers, "prompts": "train split", "new_tokens": new_tokens, "seed": seed}))
         log.info("cached %d healing samples at %s", len(answers), path)
-    answers = json.loads(path.read_text())["answers"]
+    answers = json.loads(path.read_text())["answers"] if samples > 0 else []
     if not continuations:
         return texts + answers
-    cont_path = path.with_name(path.name.replace("-samples", "-continuations").replace(f"-n{samples}-", f"-n{continuations}-"))
+    cont_path = casrap_home() / "heal" / f"{model_key}-continuations{CONTINUATIONS_VERSION}-n{continuations}-t{new_tokens}-s{seed + 1}.json"
     if not cont_path.is_file():
-        prefixes = [" ".join(texts[i % len(texts)].split()[:24]) for i in range(continuations)]
+        prefixes = continuation_prefixes(texts, continuations)
         more = sample_answers(model, tokenizer, prefixes, new_tokens=new_tokens, seed=seed + 1, progress=progress, chat=False)
-        cont_path.write_text(json.dumps({"answers": more, "prompts": "calibration paragraph openings", "new_tokens": new_tokens, "seed": seed + 1}))
+        cont_path.parent.mkdir(parents=True, exist_ok=True)
+        cont_path.write_text(json.dumps({"answers": more, "prompts": "calibration sentence openings", "new_tokens": new_tokens, "seed": seed + 1}))
+        log.info("cached %d healing continuations at %s", len(more), cont_path)
     return texts + answers + json.loads(cont_path.read_text())["answers"]
+
+
+def continuation_prefixes(paragraphs: list[str], count: int, min_words: int = 16) -> list[str]:
+    """``count`` openings for prose continuations, spread over the calibration sentences.
+
+    Why: continuing only the 16 paragraph openings gives 16 topics sampled many times;
+    starting from sentences all through the paragraphs gives the model's own prose on
+    as many contexts as there are sentences (still calibration text only).
+    """
+    import re
+
+    sentences = [(pi, s) for pi, p in enumerate(paragraphs) for s in re.split(r"(?<=[.!?])\s+", p) if s.strip()]
+    if not sentences or count <= 0:
+        return []
+    stride = max(1, len(sentences) // count) if count < len(sentences) else 1
+    prefixes = []
+    for i in range(count):
+        start = (i * stride + i // max(1, len(sentences))) % len(sentences)
+        para, words = sentences[start][0], []
+        j = start
+        while j < len(sentences) and sentences[j][0] == para and len(words) < min_words:
+            words.extend(sentences[j][1].split())
+            j += 1
+        prefixes.append(" ".join(words[:48]))
+    return prefixes
 
 
 def token_blocks(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
@@ -109,3 +140,68 @@ def token_blocks(tokenizer: Any, texts: list[str], length: int) -> torch.Tensor:
         stream.append(eos)
     rows = len(stream) // length
     return torch.tensor(stream[: rows * length], dtype=torch.long).view(rows, length)
+
+
+TEACHER_VERSION = 1
+
+
+@dataclass
+class TeacherTargets:
+    """The full model's top-k next-token log-probabilities on every healing block.
+
+    Why: the teacher forward pass is a third of a healing step's cost and identical for
+    every profile, learning rate and step count; computed once per (model, text) and kept
+    on disk, it makes a learning-rate sweep and the next profile's healing cheaper.
+    ``logprobs`` (N x L x k, float16) are log-softmax values of the full distribution
+    at ``indices`` (N x L x k, int32), so the tail mass 1 - sum(exp) is known too.
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    path: Path | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[-1])
+
+
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """A short content hash of the token blocks (the teacher cache's key with the model)."""
+    return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(list(blocks.shape)).encode()).hexdigest()[:16]
+
+
+def teacher_path(model_key: str, blocks: torch.Tensor, k: int) -> Path:
+    return casrap_home() / "heal" / f"{model_key}-teacher{TEACHER_VERSION}-k{k}-{blocks_digest(blocks)}.pt"
+
+
+@torch.inference_mode()
+def teacher_targets(
+    model: Any, blocks: torch.Tensor, model_key: str, k: int = 64, batch: int = 8,
+    progress: Callable[[int, int], None] | None = None, cache: bool = True,
+) -> TeacherTargets:
+    """Top-``k`` log-probabilities of ``model`` (the full model: run it with no profile
+    active) on ``blocks``, loaded from ``$CASRAP_HOME/heal`` when cached."""
+    path = teacher_path(model_key, blocks, k)
+    if cache and path.is_file():
+        state = torch.load(path, weights_only=True)
+        if list(state["indices"].shape[:2]) == list(blocks.shape):
+            return TeacherTargets(state["logprobs"], state["indices"], path)
+        log.warning("ignoring %s: shape does not match the healing blocks", path)
+    device = next(model.parameters()).device
+    values, indices = [], []
+    for start in range(0, len(blocks), batch):
+        ids = blocks[start:start + batch].to(device)
+        logp = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+        top = logp.topk(k, dim=-1)
+        values.append(top.values.half().cpu())
+        indices.append(top.indices.int().cpu())
+        if progress:
+            progress(min(start + batch, len(blocks)), len(blocks))
+    targets = TeacherTargets(torch.cat(values), torch.cat(indices), path if cache else None)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"logprobs": targets.logprobs, "indices": targets.indices}, tmp)
+        tmp.replace(path)
+        log.info("cached teacher top-%d log-probabilities at %s", k, path)
+    return targets

@@ -62,3 +62,152 @@ def gap_recovered(ppl_full: float, ppl_pruned: float, ppl_healed: float) -> floa
     """Share of the log-perplexity gap closed by healing (1 = back to the full model)."""
     gap = math.log(ppl_pruned) - math.log(ppl_full)
     return (math.log(ppl_pruned) - math.log(ppl_healed)) / gap if gap > 0 else float("nan")
+
+
+def split_ids(tokenizer: Any, split: str, max_tokens: int | None = None) -> tuple[torch.Tensor, str]:
+    """Token ids of one third of the bundled prose (``validation`` picks, ``test`` reports)."""
+    from casrap.measure.corpus import prose_split
+
+    corpus = prose_split(split)
+    ids = tokenizer(corpus.text, return_tensors="pt").input_ids[0]
+    return (ids[:max_tokens] if max_tokens else ids), corpus.name
+
+
+@dataclass
+class Candidate:
+    """One healing run of a sweep: its settings, where it wrote, and its validation quality."""
+
+    lr: float
+    steps: int
+    name: str
+    plan: Any
+    result: Any
+    validation_ppl: float = float("nan")
+    validation_gap: float = float("nan")
+
+
+def parse_select(text: str | None) -> dict[str, list[float]]:
+    """``lr=1e-3,3e-3;steps=75,150`` -> {"lr": [...], "steps": [...]} (empty: no sweep)."""
+    from casrap.errors import InputError
+
+    grid: dict[str, list[float]] = {}
+    for part in (text or "").replace(" ", "").split(";"):
+        if not part:
+            continue
+        key, _, values = part.partition("=")
+        if key not in ("lr", "steps") or not values:
+            raise InputError(f"--select {part!r}: use lr=A,B,... and/or steps=N,M,... separated by ';'")
+        try:
+            grid[key] = [float(v) for v in values.split(",") if v]
+        except ValueError as err:
+            raise InputError(f"--select {part!r}: values must be numbers") from err
+        if not grid[key] or any(v <= 0 for v in grid[key]):
+            raise InputError(f"--select {part!r}: values must be positive")
+    return grid
+
+
+def heal_selected(
+    lm: Any, bank: Any, name: str, cfg: Any, output: Any, select: dict[str, list[float]] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Heal ``name`` once per (lr, steps) of ``select``, keep the best on the *validation*
+    prose, report full / pruned / healed on validation and test prose and the wall time.
+
+    Why: the learning rate and step count that minimise the healing loss overfit the
+    healing text; validation prose (never trained on, never reported) picks them, and the
+    test prose is read once, for the winner only. The teacher's top-k targets are
+    computed once (cached on disk) and shared by every candidate.
+    """
+    import shutil
+    import time
+    from dataclasses import replace
+    from pathlib import Path
+
+    from casrap.errors import InputError
+    from casrap.heal.data import healing_texts, teacher_targets, token_blocks
+    from casrap.heal.runner import HEAL_SUFFIX, healed_plan
+    from casrap.heal.train import heal_profile, targets_for_plan
+    from casrap.pruners.sparse24 import sparse24_layers
+
+    began = time.perf_counter()
+    if name == "none":
+        raise InputError("the full model has nothing to heal; give a pruned profile (layers-25, ffn-25, a plan .json)")
+    plan = bank.profile(name).plan
+    if plan.functional or plan.ranks or sparse24_layers(plan):
+        raise InputError(f"profile {name!r}: healing applies to structural head/FFN/layer plans (not masked, low-rank or 2:4 ones)")
+    if plan.meta.get("adapter"):
+        raise InputError(f"profile {name!r} is already healed")
+    cfg = replace(cfg, targets=list(cfg.targets) or targets_for_plan(plan))
+    texts = healing_texts(lm.model, lm.tokenizer, bank.fingerprint, samples=cfg.samples, new_tokens=cfg.sample_tokens,
+                          seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
+                          continuations=cfg.continuations)
+    blocks = token_blocks(lm.tokenizer, texts, cfg.seq_len)
+    if len(blocks) < cfg.batch:
+        raise InputError(f"only {len(blocks)} healing blocks of {cfg.seq_len} tokens; lower --batch or raise the samples")
+    teacher = None
+    if cfg.topk:
+        with bank.using("none"):
+            teacher = teacher_targets(bank.model, blocks, bank.fingerprint, k=cfg.topk,
+                                      progress=(lambda i, n: progress("teacher", i, n, 0.0)) if progress else None)
+    grid = select or {}
+    lrs = grid.get("lr") or [cfg.lr]
+    steps_list = [int(s) for s in grid.get("steps") or [cfg.steps]]
+    output = Path(output)
+    sweep = len(lrs) * len(steps_list) > 1
+    candidates: list[Candidate] = []
+    for lr in lrs:
+        for steps in steps_list:
+            c_cfg = replace(cfg, lr=lr, steps=steps)
+            c_out = output / f"lr{lr:g}-steps{steps}" if sweep else output
+            label = f"lr {lr:g} steps {steps}"
+            result = heal_profile(bank, name, blocks, c_out, c_cfg, teacher_targets=teacher,
+                                  progress=(lambda s, n, loss, label=label: progress(f"healing {label}", s, n, loss)) if progress else None)
+            healed = healed_plan(plan, str(result.adapter_dir.resolve()), c_cfg, result)
+            if sweep:
+                healed.name = f"{plan.name}{HEAL_SUFFIX}@lr{lr:g}-s{steps}"
+            candidates.append(Candidate(lr, steps, healed.name, healed, result))
+    for c in candidates:
+        if c.name in bank.names:
+            bank.remove(c.name)
+        bank.add(c.plan)
+    val_ids, val_corpus = split_ids(lm.tokenizer, "validation")
+    val = profile_quality(bank, ["none", name, *[c.name for c in candidates]], val_ids, val_corpus)
+    for c, q in zip(candidates, val[2:]):
+        c.validation_ppl, c.validation_gap = q.ppl, gap_recovered(val[0].ppl, val[1].ppl, q.ppl)
+    best = min(candidates, key=lambda c: c.validation_ppl)
+    final = best.plan
+    if sweep:
+        adapter_dir = output / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        shutil.copytree(best.result.adapter_dir, adapter_dir)
+        final = healed_plan(plan, str(adapter_dir.resolve()), replace(cfg, lr=best.lr, steps=best.steps), best.result)
+        for c in candidates:
+            bank.remove(c.name)
+        if final.name in bank.names:
+            bank.remove(final.name)
+        bank.add(final)
+    final.meta["heal"]["selected_on"] = val_corpus
+    final.meta["heal"]["candidates"] = [{"lr": c.lr, "steps": c.steps, "validation_ppl": round(c.validation_ppl, 3)} for c in candidates]
+    plan_path = final.save(output / f"{final.name}.json")
+    test_ids_, test_corpus = split_ids(lm.tokenizer, "test")
+    test = profile_quality(bank, ["none", name, final.name], test_ids_, test_corpus)
+    best_val = next(q for q in val if q.name == best.name)
+    return {
+        "plan": str(plan_path), "adapter": str(Path(final.meta["adapter"])), "profile": name, "targets": cfg.targets,
+        "lr": best.lr, "steps": best.steps, "train_s": best.result.train_s, "tokens_seen": best.result.tokens_seen,
+        "resumed_from": best.result.resumed_from, "trainable_parameters": best.result.trainable_parameters,
+        "loss_first": best.result.losses[0] if best.result.losses else None,
+        "loss_last": best.result.losses[-1] if best.result.losses else None,
+        "healing_blocks": len(blocks), "teacher_topk": cfg.topk, "teacher_cache": str(teacher.path) if teacher and teacher.path else None,
+        "candidates": [{"lr": c.lr, "steps": c.steps, "validation_ppl": c.validation_ppl, "validation_gap_recovered": c.validation_gap,
+                        "train_s": c.result.train_s} for c in candidates],
+        "quality": {
+            "validation": {q.name if q.name != best.name else final.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus}
+                           for q in (val[0], val[1], best_val)},
+            "test": {q.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus} for q in test},
+        },
+        "gap_recovered": {"validation": best.validation_gap, "test": gap_recovered(test[0].ppl, test[1].ppl, test[2].ppl)},
+        "memory_overhead_mb": bank.memory_overhead_bytes(final.name) / 2**20,
+        "wall_s": time.perf_counter() - began,
+    }

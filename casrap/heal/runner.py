@@ -1,15 +1,17 @@
 """Heal one profile end to end: healing text, training, plan JSON, before/after quality.
 
-The healed plan is the pruned plan with ``name`` ``PROFILE+heal`` and
-``meta["adapter"]`` naming the adapter folder (absolute for a user's run; shipped plans
-use ``casrap-data:plans/...``), so it is an action like any other: ``-p PLAN.json`` in
-every command, and the bank builds it by merging the adapter into the profile's own
-module copies (:func:`casrap.heal.adapter.merge_adapter_into`).
+The healed plan is the pruned plan with ``name`` ``PROFILE+heal``, ``meta["adapter"]``
+naming the adapter folder relative to the plan file (``adapter``; shipped plans use
+``casrap-data:plans/...``) and ``meta["adapter_sha256"]`` pinning its bytes, so the plan
+and its folder can be moved together and it is an action like any other: ``-p PLAN.json``
+in every command, and the bank applies the adapter to the profile's modules
+(:func:`casrap.profiles.adapter.apply_adapter`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,7 +94,12 @@ def heal(
     output = Path(output)
     result = heal_profile(bank, name, blocks, output, cfg,
                           progress=(lambda s, n, loss: progress("healing", s, n, loss)) if progress else None)
-    healed = healed_plan(plan, str(result.adapter_dir.resolve()), cfg, result)
+    from casrap.profiles.adapter import DIGEST_KEY, adapter_digest
+
+    # relative to the plan file (both live in ``output``), so the folder can move
+    reference = os.path.relpath(result.adapter_dir.resolve(), output.resolve())
+    healed = healed_plan(plan, reference, cfg, result)
+    healed.meta[DIGEST_KEY] = adapter_digest(result.adapter_dir)
     plan_path = healed.save(output / f"{healed.name}.json")
     report = HealReport(plan_path, result.adapter_dir, result)
     if evaluate:
@@ -119,7 +126,7 @@ def ship(plan_path: Path, model_dir: str) -> Path:
     """
     import shutil
 
-    from casrap.heal.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PACKAGE_PREFIX, plan_adapter_path
+    from casrap.profiles.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DIGEST_KEY, PACKAGE_PREFIX, adapter_digest, plan_adapter_path
     from casrap.profiles.shipped import PLANS_DIR, package_plans_dir
 
     plan = PruningPlan.load(plan_path)
@@ -135,4 +142,5 @@ def ship(plan_path: Path, model_dir: str) -> Path:
     tensors = {k: v.half().contiguous() for k, v in load_file(str(source / ADAPTER_WEIGHTS)).items()}  # halves the package size
     save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     plan.meta["adapter"] = f"{PACKAGE_PREFIX}{PLANS_DIR}/{model_dir}/{adapter_dir.name}"
+    plan.meta[DIGEST_KEY] = adapter_digest(adapter_dir)
     return plan.save(target_dir / f"{plan.name}.json")

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from casrap.errors import InputError, UnsupportedModelError
-from casrap.heal.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from casrap.profiles.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
 METHODS = ("lora", "qlora")
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -43,13 +45,16 @@ class HealConfig:
         lr: AdamW learning rate (cosine decay to 10% after a short warm-up).
         batch: sequences per step.
         seq_len: tokens per sequence.
-        targets: projections that get a LoRA (q/k/v/o/gate/up/down_proj).
+        targets: projections that get a LoRA (q/k/v/o/gate/up/down_proj); empty: chosen by the
+            profile's kind (:func:`targets_for_plan`).
         lm_weight: weight of the LM loss added to the KL.
         samples: answers the full model writes to train prompts as extra healing text.
         continuations: prose continuations the full model writes from calibration paragraph openings.
         sample_tokens: new tokens per sampled answer.
         save_every: steps between resumable checkpoints.
         seed: data order and LoRA initialisation.
+        topk: teacher log-probabilities kept per position (cached once per model and text);
+            0 runs the teacher every step on the full vocabulary.
     """
 
     method: str = "lora"
@@ -58,21 +63,22 @@ class HealConfig:
     lr: float = 5e-3
     batch: int = 4
     seq_len: int = 128
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets: list[str] = field(default_factory=list)
     lm_weight: float = 0.0
     samples: int = 256
-    continuations: int = 0
+    continuations: int = 128
     sample_tokens: int = 128
     save_every: int = 20
     seed: int = 0
+    topk: int = 64
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown healing method {self.method!r}; use lora or qlora")
-        if self.steps < 1 or self.rank < 1 or self.batch < 1 or self.seq_len < 8:
-            raise InputError("healing needs steps >= 1, rank >= 1, batch >= 1 and seq_len >= 8")
+        if self.steps < 1 or self.rank < 1 or self.batch < 1 or self.seq_len < 8 or self.topk < 0:
+            raise InputError("healing needs steps >= 1, rank >= 1, batch >= 1, seq_len >= 8 and topk >= 0")
         bad = [t for t in self.targets if t not in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
-        if bad or not self.targets:
+        if bad:
             raise InputError(f"healing targets must be among q/k/v/o/gate/up/down_proj, got {self.targets}")
 
 
@@ -132,6 +138,18 @@ def quantize_nf4(model: Any) -> int:
     return count
 
 
+def targets_for_plan(plan: Any) -> list[str]:
+    """Projections that get a LoRA for a plan's kind.
+
+    Why: an FFN cut changes only what the MLPs compute, so adapting the MLP projections
+    alone repairs it with fewer parameters to overfit; a skipped layer or a removed head
+    changes the residual stream that every later attention and MLP reads, so both adapt.
+    """
+    if plan.ffn and not plan.heads and not plan.skip_layers:
+        return list(MLP)
+    return ATTENTION + MLP
+
+
 def _lr_at(step: int, cfg: HealConfig) -> float:
     warm = max(1, cfg.steps // 20)
     if step < warm:
@@ -150,6 +168,19 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids
     return loss
 
 
+def topk_distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL between teacher and student on the teacher's top-k tokens plus one
+    "every other token" bucket (exact KL of the distributions coarsened to k + 1 outcomes;
+    a lower bound of the full KL that equals it as the tail vanishes)."""
+    s_all = F.log_softmax(student_logits.float(), dim=-1)
+    s = s_all.gather(-1, teacher_indices.long())
+    t = teacher_logprobs.float()
+    t_tail = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_tail = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (t.exp() * (t - s)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+    return kl.mean()
+
+
 def heal_profile(
     bank: Any,
     name: str,
@@ -158,12 +189,15 @@ def heal_profile(
     cfg: HealConfig,
     progress: Callable[[int, int, float], None] | None = None,
     student: Any = None,
+    teacher_targets: Any = None,
 ) -> HealResult:
     """Train a LoRA for profile ``name`` of ``bank`` on ``blocks`` (N x seq_len token ids).
 
     ``student`` may be given (e.g. a variant tuned for a task); by default it is a
     standalone copy of the profile. Saves the PEFT adapter to ``output/adapter`` and
     returns what happened. ``progress(step, steps, loss)`` is called after each step.
+    ``teacher_targets`` (:class:`casrap.heal.data.TeacherTargets` for ``blocks``) replaces the
+    teacher's forward pass by its cached top-k log-probabilities.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -177,7 +211,8 @@ def heal_profile(
     student = student if student is not None else standalone_student(bank, name)
     if cfg.method == "qlora":
         quantize_nf4(student)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, bias="none", target_modules=list(cfg.targets))
+    targets = list(cfg.targets) or targets_for_plan(bank.profile(name).plan)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=0.0, bias="none", target_modules=targets)
     peft_model = get_peft_model(student, lora)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -187,8 +222,8 @@ def heal_profile(
     start_step, losses = 0, []
     ckpt = output / CHECKPOINT
     settings = {k: v for k, v in asdict(cfg).items() if k not in {"steps", "save_every"}}
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+    state = _read_checkpoint(ckpt) if ckpt.is_file() else None
+    if state is not None:
         if state.get("settings") == settings and state.get("blocks") == list(blocks.shape):
             from peft import set_peft_model_state_dict
 
@@ -204,13 +239,21 @@ def heal_profile(
     bank.activate("none")
     step = start_step
     for step in range(start_step, cfg.steps):
-        ids = blocks[order[step * cfg.batch:(step + 1) * cfg.batch]].to(device)
-        with torch.no_grad():
-            teacher_logits = teacher(ids, use_cache=False).logits
+        picked = order[step * cfg.batch:(step + 1) * cfg.batch]
+        ids = blocks[picked].to(device)
+        teacher_logits = None
+        if teacher_targets is None:
+            with torch.no_grad():
+                teacher_logits = teacher(ids, use_cache=False).logits
         for group in optimiser.param_groups:
             group["lr"] = _lr_at(step, cfg)
         logits = peft_model(input_ids=ids, use_cache=False).logits
-        loss = distill_loss(logits, teacher_logits, ids, cfg.lm_weight)
+        if teacher_logits is None:
+            loss = topk_distill_loss(logits, teacher_targets.logprobs[picked].to(device), teacher_targets.indices[picked].to(device))
+            if cfg.lm_weight:
+                loss = loss + cfg.lm_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        else:
+            loss = distill_loss(logits, teacher_logits, ids, cfg.lm_weight)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -226,6 +269,20 @@ def heal_profile(
     ckpt.unlink(missing_ok=True)
     return HealResult(adapter_dir, cfg.steps, train_s, losses, sum(p.numel() for p in params),
                       (cfg.steps - start_step) * cfg.batch * blocks.shape[1], start_step)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A resume checkpoint read with ``weights_only=True`` (tensors, numbers, strings and
+    containers only: a checkpoint file cannot run code); None, with a warning, when it
+    holds anything else or cannot be read, and healing starts over."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        log.warning("ignoring %s: not a plain healing checkpoint (%s)", path, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _save_checkpoint(path: Path, peft_model: Any, optimiser: Any, step: int, losses: list[float], settings: dict, blocks: torch.Tensor) -> None:
@@ -246,11 +303,11 @@ def _save_adapter(peft_model: Any, directory: Path) -> None:
 
 def save_in_plan_order(peft_model: Any, bank: Any, name: str, directory: Path) -> None:
     """Save the adapter with channel/head dimensions in the plan's index order (the
-    contract :func:`casrap.heal.adapter.merge_adapter_into` reads), whatever order the
+    contract :func:`casrap.profiles.adapter.merge_adapter_into` reads), whatever order the
     student's modules held them in (a reordered base lays them out by importance)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from casrap.heal.adapter import factors_to_plan_order
+    from casrap.profiles.adapter import factors_to_plan_order
 
     profile = bank.profile(name)
     state = get_peft_model_state_dict(peft_model)

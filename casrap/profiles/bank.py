@@ -9,6 +9,14 @@ the full model's outputs are bitwise those of the untouched model.
 
 Pick the profile once per request, before prefill: a KV cache built under one
 profile is invalid under another.
+
+Zero-copy layout: a bank given an :class:`Importance` reorders the base model by it
+*when the bank is created*, before any profile exists, so which profiles share the base
+weights depends only on that importance and the plans, never on the order profiles are
+added in or on what a user's ``$CASRAP_HOME`` holds. The reorder is recorded on the
+model itself (a second bank on the same model inherits it), and a model on which any
+bank has built a layout-dependent profile (sliced, masked, factorised, healed) is never
+reordered again: those profiles would go stale.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 from torch import nn
 
 from casrap.errors import CheckpointError, InputError, UnsupportedModelError
-from casrap.heal.adapter import load_adapter, merge_adapter_into, plan_adapter_path
+from casrap.profiles.adapter import apply_adapter, load_adapter, merge_by_default, plan_adapter_path
 from casrap.models.architecture import decoder_layers, describe, head_dim_of, model_key
 from casrap.paths import casrap_home
 from casrap.profiles.catalogue import FULL
@@ -40,6 +48,28 @@ from casrap.pruners.sparse24 import (
     sparse24_layers,
     sparsify_mlp,
 )
+
+
+REORDER_INFO = "casrap_reorder_info"  # on the model: how (and by what) its base was reordered
+IMPORTANCE = "casrap_importance"  # on the model: the Importance it was reordered by
+LAYOUT_LOCKED = "casrap_layout_locked"  # on the model: a bank built layout-dependent modules on it
+
+
+def bank_fingerprint(model: Any) -> str:
+    """The fingerprint plans, bundles and caches are keyed to: the base model's
+    :func:`model_key`, kept across a zero-copy reorder (which changes float summation
+    order, and so could change a probe of the weights). Call it with the full model active."""
+    return getattr(model, "casrap_fingerprint", None) or model_key(model)
+
+
+def layout_dependent(plan: PruningPlan) -> bool:
+    """Whether a plan's built modules depend on the base model's channel/head order."""
+    return bool(plan.heads or plan.ffn or plan.ranks or (plan.meta or {}).get("adapter") or sparse24_layers(plan))
+
+
+def needs_reorder(plans: Any) -> bool:
+    """Whether any plan would share base weights after a reorder (structural head/FFN plans)."""
+    return any((p.heads or p.ffn) and not p.functional for p in plans)
 
 
 @dataclass
@@ -84,13 +114,19 @@ def refuse_hooked_model(model: Any) -> None:
 class ProfileBank:
     """Holds the full model and any number of profiles; switches in microseconds."""
 
-    def __init__(self, model: Any, base_model: str = "") -> None:
+    def __init__(self, model: Any, base_model: str = "", importance: Importance | None = None,
+                 lazy_reorder: bool = True, merge_healed: bool | None = None) -> None:
+        """``importance``: reorder the base model by it now (zero-copy profiles), unless
+        ``CASRAP_REORDER=0``. ``lazy_reorder``: without one, reorder on the first calibrated
+        head/FFN plan from the calibration cached under ``$CASRAP_HOME`` (library callers;
+        bundles and the CLI pass their importance instead). ``merge_healed``: build healed
+        profiles merged (copies) rather than unmerged (default: ``CASRAP_HEAL_MERGE``)."""
         refuse_hooked_model(model)
         self.model = model
         self.base_model = base_model
         self.info = describe(model)
         # a reordered model keeps the fingerprint it had before (plans and caches are keyed to it)
-        self.fingerprint = getattr(model, "casrap_fingerprint", None) or model_key(model)
+        self.fingerprint = bank_fingerprint(model)
         self.head_dim = head_dim_of(model)
         self._full_layers = decoder_layers(model)
         self._full_count = int(model.config.num_hidden_layers)
@@ -104,7 +140,19 @@ class ProfileBank:
         # zero-copy profiles (casrap.pruners.reorder): set by reorder(); modules built by copying
         self.reorder_info: dict[str, Any] = {}
         self.auto_reorder = os.environ.get("CASRAP_REORDER", "1").strip().lower() not in {"0", "false", "no"}
+        self.lazy_reorder = lazy_reorder
+        self.merge_healed = merge_by_default() if merge_healed is None else merge_healed
+        self.importance: Importance | None = None
         self.copied_modules: dict[str, int] = {}
+        if is_reordered(model):  # another bank (or an earlier run of this code) laid it out
+            self.reorder_info = dict(getattr(model, REORDER_INFO, None) or {"importance": "unknown"})
+            self.importance = getattr(model, IMPORTANCE, None)
+        elif importance is not None and self.auto_reorder:
+            self.reorder(importance)
+
+    def sibling(self) -> ProfileBank:
+        """An empty bank on the same model with the same layout and settings (no second reorder)."""
+        return ProfileBank(self.model, base_model=self.base_model, lazy_reorder=self.lazy_reorder, merge_healed=self.merge_healed)
 
     def require_lowrank_basis(self) -> LowRankBasis:
         """The PCA basis rank plans build from: the one set, else the cached one (one-line error if none)."""
@@ -132,7 +180,7 @@ class ProfileBank:
         if not plan.functional:
             self._maybe_reorder(plan)
         start = time.perf_counter()
-        adapter = plan_adapter_path(plan)  # healed plans: a LoRA merged into the profile's own copies
+        adapter = plan_adapter_path(plan)  # healed plans: resolved beside the plan, digest checked
         if plan.is_identity and adapter is None and not sparse:
             layers = self._full_layers
         else:
@@ -159,7 +207,11 @@ class ProfileBank:
             self.copied_modules[plan.name] = sum(
                 1 for layer in built for m in (layer.self_attn, layer.mlp) if getattr(m, "casrap_zero_copy", None) is False)
             if adapter is not None:
-                merge_adapter_into(layers, plan, load_adapter(adapter))
+                replaced = apply_adapter(layers, plan, load_adapter(adapter), merged=self.merge_healed)
+                if self.merge_healed:
+                    self.copied_modules[plan.name] += replaced
+        if layout_dependent(plan):
+            setattr(self.model, LAYOUT_LOCKED, True)
         profile = Profile(plan, layers, time.perf_counter() - start)
         self._profiles[plan.name] = profile
         return profile
@@ -273,15 +325,19 @@ class ProfileBank:
         """Lay the base model's FFN channels and heads out by ``importance`` (once), so that
         profiles built from the same importance are views of the base tensors.
 
-        Refused once a profile holds sliced, masked or factorised modules (their layouts
-        would go stale). Returns (and keeps in ``reorder_info``) the largest logit
+        Refused once any bank on this model holds sliced, masked, factorised or healed
+        modules (their layouts would go stale). Returns (and keeps in ``reorder_info``) the largest logit
         difference of the reordered model from the original on ``probe_ids`` (default: 32
         fixed token ids): float summation order only.
         """
         if self.reorder_info:
             return self.reorder_info
-        if any(p.plan.heads or p.plan.ffn or p.plan.ranks or p.plan.meta.get("adapter") for n, p in self._profiles.items() if n != FULL):
-            raise InputError("reorder the bank before adding head, FFN, low-rank or healed profiles")
+        if is_reordered(self.model):
+            self.reorder_info = dict(getattr(self.model, REORDER_INFO, None) or {"importance": "unknown"})
+            self.importance = getattr(self.model, IMPORTANCE, None)
+            return self.reorder_info
+        if getattr(self.model, LAYOUT_LOCKED, False):
+            raise InputError("reorder the model before building head, FFN, low-rank or healed profiles on it (in any bank)")
         if probe_ids is None:
             vocab = int(self.model.config.vocab_size)
             probe_ids = (torch.arange(1, 33) * 7919 % vocab).unsqueeze(0)
@@ -301,19 +357,22 @@ class ProfileBank:
             "probe_tokens": int(probe_ids.numel()),
             "seconds": seconds,
         }
+        self.importance = importance
+        setattr(self.model, REORDER_INFO, dict(self.reorder_info))
+        setattr(self.model, IMPORTANCE, importance)
         return self.reorder_info
 
     def _maybe_reorder(self, plan: PruningPlan) -> None:
-        """Reorder by the cached calibration this plan was built from, if there is one.
+        """Library fallback for banks created without importance: reorder by the cached
+        calibration this plan was built from, if there is one and nothing blocks it.
 
-        Lazy so that every way of filling a bank (factory, bundle, search) gets lean
-        profiles; ``CASRAP_REORDER=0`` turns it off. A plan from other importance (weight
-        norms, another calibration) is built by copying, as before.
+        ``CASRAP_REORDER=0`` or ``lazy_reorder=False`` turns it off (bundles and the CLI
+        reorder at creation instead, from their own calibration). A plan from other
+        importance (weight norms, another calibration) is built by copying, as before.
         """
-        if self.reorder_info or not self.auto_reorder or not (plan.ffn or plan.heads) or plan.ranks:
+        if self.reorder_info or not self.auto_reorder or not self.lazy_reorder or not (plan.ffn or plan.heads) or plan.ranks:
             return
-        if is_reordered(self.model) or any(p.plan.heads or p.plan.ffn or p.plan.ranks or p.plan.meta.get("adapter")
-                                           for n, p in self._profiles.items() if n != FULL):
+        if is_reordered(self.model) or getattr(self.model, LAYOUT_LOCKED, False):
             return
         source = str(plan.meta.get("importance", ""))
         if not source.startswith("calibrated"):

@@ -81,14 +81,14 @@ def _export_unmerged(bank: ProfileBank, name: str, directory: Path, tokenizer: A
     import json
     import shutil
 
-    from casrap.heal.adapter import plan_adapter_path
+    from casrap.profiles.adapter import plan_adapter_path
 
     plan = bank.profile(name).plan
     adapter = plan_adapter_path(plan)
     bare = copy.deepcopy(plan)
     bare.name = f"{plan.name} (unhealed)"
     bare.meta = {k: v for k, v in plan.meta.items() if k != "adapter"}
-    scratch = ProfileBank(bank.model, base_model=bank.base_model)  # shares every tensor; built for this export only
+    scratch = bank.sibling()  # same model and layout, shares every tensor; built for this export only
     scratch.add(bare)
     export_checkpoint(scratch, bare.name, directory, tokenizer)
     target = directory / "adapter"
@@ -96,7 +96,7 @@ def _export_unmerged(bank: ProfileBank, name: str, directory: Path, tokenizer: A
     # the adapter is stored in plan order; the checkpoint holds the (possibly reordered) module order
     from safetensors.torch import load_file, save_file
 
-    from casrap.heal.adapter import ADAPTER_WEIGHTS, factors_to_plan_order
+    from casrap.profiles.adapter import ADAPTER_WEIGHTS, factors_to_plan_order
 
     weights = target / ADAPTER_WEIGHTS
     state = factors_to_plan_order(load_file(str(weights)), scratch.profile(bare.name).layers, bare, inverse=True)

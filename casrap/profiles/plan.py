@@ -37,6 +37,9 @@ class PruningPlan:
         meta: free-form provenance (intensity, importance source, search run...).
         fingerprint: :func:`casrap.pruners.importance.model_key` of the base model the
             indices refer to; a bank refuses a plan made for another model.
+        source: the file the plan was loaded from or last saved to (not serialised):
+            relative references in ``meta`` (a healing adapter) resolve beside it, so a
+            plan and its adapter move together.
     """
 
     name: str
@@ -49,6 +52,7 @@ class PruningPlan:
     functional: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    source: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_identity(self) -> bool:
@@ -56,6 +60,7 @@ class PruningPlan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("source", None)
         data["format"] = PLAN_FORMAT
         data["heads"] = {str(k): v for k, v in self.heads.items()}
         data["ffn"] = {str(k): v for k, v in self.ffn.items()}
@@ -127,8 +132,10 @@ class PruningPlan:
             raise CheckpointError(f"{where}: skips every layer")
 
     def save(self, path: Path) -> Path:
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
+        self.source = path
         return path
 
     @classmethod
@@ -137,4 +144,6 @@ class PruningPlan:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read plan {path}: {err}") from err
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        plan.source = Path(path)
+        return plan

@@ -95,6 +95,22 @@ def keep_indices(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> 
     return ranked.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache under: ``cache`` from
+    transformers 5.24, ``past_key_values`` before. Passing the wrong one is silent (it
+    falls into ``**kwargs`` and every step runs without context), so it is looked up."""
+    import inspect
+
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def prefill_compressed(model: Any, input_ids: torch.Tensor, config: KVCompression) -> tuple[Any, torch.Tensor]:
     """Prefill ``input_ids`` and compress the cache; returns (cache, last position's logits).
@@ -109,7 +125,7 @@ def prefill_compressed(model: Any, input_ids: torch.Tensor, config: KVCompressio
     finally:
         for handle in handles:
             handle.remove()
-    cache = out.past_key_values
+    cache = output_cache(out)
     if budget < prompt_len:
         for i, layer in enumerate(cache.layers):
             scores = token_scores(queries[i], layer.keys)
@@ -129,9 +145,10 @@ def decode_steps(model: Any, cache: Any, tokens: torch.Tensor, prompt_len: int, 
     device = tokens.device
     logits = []
     current = tokens[:, :1]
+    argument = cache_argument(model)
     for step in range(tokens.shape[1]):
         pos = torch.tensor([[prompt_len + step]], device=device)
-        out = model(current, cache=cache, position_ids=pos, use_cache=True)
+        out = model(current, position_ids=pos, use_cache=True, **{argument: cache})
         last = out.logits[:, -1].float()
         logits.append(last[0])
         if step + 1 < tokens.shape[1]:

@@ -223,8 +223,49 @@ class LowRankBasis:
         return cls(matrices, meta.get("source", "?"), meta.get("model_key", ""))
 
 
+CALIBRATION_ENV = "CASRAP_LOWRANK_CALIBRATION"  # a text file: fit (and replay) bases on the user's task text
+
+
+def task_calibration() -> tuple[list[str], str] | None:
+    """The user's task text (``$CASRAP_LOWRANK_CALIBRATION``) as calibration chunks, and its digest.
+
+    Why an environment variable: LLM-Sieve's projections are meant to be fitted on the
+    text the model will serve, and a rank plan holds only ranks, so every command that
+    rebuilds the plan (search, bench, run, export) must use the same basis; the variable
+    reaches them all and the basis file is keyed by the text's digest. ``None`` when unset.
+    """
+    import hashlib
+    import os
+
+    name = os.environ.get(CALIBRATION_ENV, "").strip()
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read the low-rank calibration text {path}: {err}") from err
+    chunks = calibration_chunks(text)
+    if not chunks:
+        raise CheckpointError(f"low-rank calibration text {path} is empty")
+    return chunks, hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def calibration_chunks(text: str, words: int = 160) -> list[str]:
+    """Paragraphs (blank-line separated) cut into pieces of at most ``words`` words, so a
+    long document is not truncated to its first ``max_tokens`` tokens by :func:`fit_basis`."""
+    chunks = []
+    for paragraph in (p.split() for p in text.split("\n\n")):
+        chunks.extend(" ".join(paragraph[i:i + words]) for i in range(0, len(paragraph), words))
+    return [c for c in chunks if c]
+
+
 def default_basis_path(key: str) -> Path:
-    return casrap_home() / "lowrank" / f"{key}-pca{BASIS_VERSION}.safetensors"
+    """The cached basis: the bundled calibration's, or the task text's when
+    ``$CASRAP_LOWRANK_CALIBRATION`` names one (keyed by its digest)."""
+    task = task_calibration()
+    suffix = f"-task-{task[1]}" if task else ""
+    return casrap_home() / "lowrank" / f"{key}-pca{BASIS_VERSION}{suffix}.safetensors"
 
 
 @torch.inference_mode()
@@ -309,8 +350,12 @@ def load_or_fit_basis(
         raise CheckpointError(f"no low-rank basis for this model at {path}; build a lowrank-P profile once with a tokenizer (e.g. casrap bench -p lowrank-25)")
     from casrap.data.calibration import calibration_texts
 
-    log.info("no low-rank basis for this model yet: fitting PCA of every projection's outputs on calibration text, saving to %s", path)
-    basis = fit_basis(model, tokenizer, texts or calibration_texts(CALIBRATION_SAMPLES), progress=progress)
+    task = task_calibration() if texts is None else None
+    log.info("no low-rank basis for this model yet: fitting PCA of every projection's outputs on %s, saving to %s",
+             "the task text" if task else "calibration text", path)
+    basis = fit_basis(model, tokenizer, texts or (task[0] if task else calibration_texts(CALIBRATION_SAMPLES)), progress=progress)
+    if task:
+        basis.source = f"{basis.source}, task text {task[1]}"
     basis.save(path)
     return basis
 
@@ -416,6 +461,27 @@ def allocate_ranks(basis: LowRankBasis, fraction: float, min_rank: int = 1) -> R
                     / (shapes[k][0] + shapes[k][1]))
         result[worst] -= 1  # type: ignore[operator]
     return _as_ranks(result)
+
+
+def ranks_within_error(basis: LowRankBasis, max_error: float) -> Ranks:
+    """Per matrix, the smallest rank whose dropped share of calibration output energy is
+    at most ``max_error`` (dense where that rank would not save parameters).
+
+    LLM-Sieve's per-matrix search: each projection keeps what its own outputs need,
+    rather than every projection giving up the same share; the search over
+    ``max_error`` (:func:`casrap.search.ranks.run_ranks`) then meets a perplexity budget.
+    """
+    chosen: dict[Key, int | None] = {}
+    for key, m in basis.matrices.items():
+        total = float(m.energy.sum())
+        r_max = m.vectors.shape[1]
+        if total <= 0:
+            chosen[key] = 1
+            continue
+        kept = m.energy.double().cumsum(0) / total  # kept[r - 1]: share kept at rank r
+        rank = int((kept < 1.0 - max_error).sum()) + 1
+        chosen[key] = None if rank >= r_max else max(1, rank)
+    return _as_ranks(chosen)
 
 
 def total_relative_error(basis: LowRankBasis, ranks: Ranks) -> float:

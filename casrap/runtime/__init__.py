@@ -1,7 +1,7 @@
 """Adaptive inference for users: the policy bundle, the Router, ``AdaptiveLM``, the server.
 
 - :mod:`casrap.runtime.bundle`: policy + exact plans + model fingerprint + observation spec;
-- :mod:`casrap.runtime.router`: the one decision path (observe -> decide -> switch -> generate);
+- :mod:`casrap.decide.router`: the one decision path (observe -> decide -> switch -> generate);
 - :mod:`casrap.runtime.adaptive`: :class:`AdaptiveLM` (Python API, one request at a time);
 - :mod:`casrap.runtime.server`: the OpenAI-compatible HTTP app (``casrap serve``);
 - :mod:`casrap.runtime.loadtest`: policy vs full model vs static profiles under load.
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(bundle, name)
     if name in {"Router", "Decision"}:
-        from casrap.runtime import router
+        from casrap.decide import router
 
         return getattr(router, name)
     raise AttributeError(name)

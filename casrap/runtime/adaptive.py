@@ -6,10 +6,19 @@
     answer.text, answer.record.profile, answer.record.latency_s
 
 One request runs on the bank at a time: a bank has one active profile, and a KV cache
-built under one profile is invalid under another, so :meth:`AdaptiveLM.generate`
-takes a lock; concurrent callers queue, and the number waiting and the time a request
-waited enter its decision (see :mod:`casrap.runtime.router`). Without a latency
-target the bundle's default budget applies (``RuntimeDefaults.budget_ratio``).
+built under one profile is invalid under another, so requests pass a first-come-
+first-served gate (:class:`casrap.runtime.queueing.FifoGate`); the number waiting and
+the time a request waited enter its decision (see :mod:`casrap.decide.router`).
+Without a latency target the bundle's default budget applies
+(``RuntimeDefaults.budget_ratio``); a request whose target already passed while it
+queued is answered by the fastest profile, and its record says so
+(``target_expired``). A request may carry a
+:class:`~casrap.decide.generation.Cancellation`: set while queued, the request leaves
+the line; set while running, generation stops after the current token.
+
+Prompt features (perplexity) are read from the request's own text: a plain prompt, or
+the last user message of a chat (a long fixed system prompt would otherwise make every
+request look alike).
 """
 
 from __future__ import annotations
@@ -24,12 +33,22 @@ from typing import Any
 
 import torch
 
+from casrap.decide.generation import Cancellation, StreamPiece, TokenLogprob
+from casrap.decide.router import Decision, Router
 from casrap.errors import InputError
 from casrap.measure.timing import check_prompt_fits
 from casrap.runtime.bundle import PolicyBundle, RuntimeDefaults, load_bundle
-from casrap.runtime.router import Decision, Router
+from casrap.runtime.queueing import FifoGate
 
 Messages = list[dict[str, str]]
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (client gone) or timed out before it got the bank."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"request {reason} while waiting for the model")
+        self.reason = reason
 
 
 @dataclass
@@ -39,7 +58,8 @@ class GenerationRecord:
     ``latency_s`` runs from the moment the request got the bank (decision, switch and
     generation); ``total_s`` adds the queue wait; ``target_met`` compares ``total_s``
     with the target (None without one). ``ttft_s`` counts from the same moment as
-    ``latency_s``.
+    ``latency_s``. ``target_expired``: the target had passed before the request got the
+    bank, so the fastest profile answered without asking the policy.
     """
 
     profile: str
@@ -62,6 +82,8 @@ class GenerationRecord:
     finish_reason: str
     budget_ratio: float
     estimated_full_s: float
+    target_expired: bool = False
+    cancel_to_stop_s: float | None = None
 
     @property
     def overhead_share(self) -> float:
@@ -80,55 +102,93 @@ class Generation:
     text: str
     record: GenerationRecord
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    stop: str | None = None
 
 
 class GenerationStream:
     """Iterate for text pieces as they are generated; ``.result`` once exhausted.
 
-    Generation runs in a worker thread (holding the bank's lock); abandoning the
-    iterator lets that generation finish in the background.
+    Generation runs in a worker thread (which waits for the bank first). Two ways to
+    consume it: iterate (blocking, text pieces), or call :meth:`drain` whenever
+    ``notify`` fires (non-blocking; the server's event loop does this, so no thread is
+    parked per waiting client). :meth:`cancel` stops the request: it leaves the queue, or
+    generation stops after the current token.
     """
 
     _END = object()
 
-    def __init__(self, run: Callable[[Callable[[str], None], Callable[[Decision], None]], Generation]) -> None:
+    def __init__(self, run: Callable[[Callable[[StreamPiece], None], Callable[[Decision], None]], Generation],
+                 cancel: Cancellation | None = None, notify: Callable[[], None] | None = None) -> None:
         self._queue: queue.Queue[Any] = queue.Queue()
         self.result: Generation | None = None
         self.decision: Decision | None = None
         self.decided = threading.Event()  # set once the profile is chosen (or the request failed)
-        self._error: BaseException | None = None
+        self.finished = False
+        self.error: BaseException | None = None
+        self.cancellation = cancel if cancel is not None else Cancellation()
+        self._notify = notify or (lambda: None)
         self._thread = threading.Thread(target=self._work, args=(run,), daemon=True)
         self._thread.start()
 
     def _on_decision(self, decision: Decision) -> None:
         self.decision = decision
         self.decided.set()
+        self._notify()
 
-    def _work(self, run: Callable[[Callable[[str], None], Callable[[Decision], None]], Generation]) -> None:
+    def _on_piece(self, piece: StreamPiece) -> None:
+        self._queue.put(piece)
+        if piece.text or piece.logprobs:
+            self._notify()
+
+    def _work(self, run: Callable[[Callable[[StreamPiece], None], Callable[[Decision], None]], Generation]) -> None:
         try:
-            self.result = run(self._queue.put, self._on_decision)
+            self.result = run(self._on_piece, self._on_decision)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._error = err
+            self.error = err
         finally:
             self.decided.set()
             self._queue.put(self._END)
+            self._notify()
+
+    @property
+    def _error(self) -> BaseException | None:
+        return self.error
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.cancellation.cancel(reason)
 
     def wait_decision(self, timeout: float | None = None) -> Decision | None:
         """Block until the profile is chosen; re-raises an error that came first."""
         self.decided.wait(timeout)
-        if self.decision is None and self._error is not None:
-            raise self._error
+        if self.decision is None and self.error is not None:
+            raise self.error
         return self.decision
+
+    def drain(self) -> list[StreamPiece]:
+        """Pieces generated since the last call, without blocking; sets ``finished`` at the end."""
+        pieces: list[StreamPiece] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return pieces
+            if item is self._END:
+                self.finished = True
+                return pieces
+            pieces.append(item)
 
     def __iter__(self) -> Iterator[str]:
         while True:
             item = self._queue.get()
             if item is self._END:
                 break
-            yield item
+            if item.text:
+                yield item.text
+        self.finished = True
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
 
     @property
     def record(self) -> GenerationRecord | None:
@@ -145,9 +205,7 @@ class AdaptiveLM:
         self.model_name = model_name
         self.bundle = bundle
         self.clock = clock
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._count_lock = threading.Lock()
+        self._gate = FifoGate()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -175,20 +233,17 @@ class AdaptiveLM:
         return adaptive
 
     def warmup(self, tokens: int = 8) -> None:
-        """One untimed pass, one timed full-model generation that seeds the running latency
-        estimate, and the unloaded latency model the targets are normalised by (cached per
-        model and machine; measured here on first use, a few seconds)."""
-        from casrap.runtime.generation import generate_timed
+        """One untimed pass, the unloaded latency model the targets are normalised by (cached per
+        model and machine; measured here on first use, a few seconds), and a first slowdown probe."""
+        from casrap.decide.generation import generate_timed
 
         ids = self.encode("Hello.", tokens)
         model = self.router.bank.model
-        with self._lock:
+        with self._gate:
             self.router.bank.activate("none")
             generate_timed(model, self.tokenizer, ids, 2, clock=self.clock, ignore_eos=True)
-            out = generate_timed(model, self.tokenizer, ids, tokens, clock=self.clock, ignore_eos=True)
-            self.router.latency.observations = 0  # the measured run replaces the prior outright
-            self.router.latency.observe("none", int(ids.shape[-1]), tokens, out.ttft_s, out.generation_s)
             _ = self.router.unloaded
+            self.router.prepare(force_probe=True)
 
     @property
     def defaults(self) -> RuntimeDefaults:
@@ -199,9 +254,25 @@ class AdaptiveLM:
         return list(self.router.actions)
 
     @property
+    def fastest_profile(self) -> str:
+        """The profile with the largest ideal speed-up (answers requests whose target already passed)."""
+        bank = self.router.bank
+        return max(self.router.actions, key=lambda n: (float(bank.ideal_speedup(n)), -self.router.actions.index(n)))
+
+    @property
     def queue_length(self) -> int:
         """Requests waiting for the bank now."""
-        return self._waiting
+        return self._gate.waiting
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request holds the bank now."""
+        return self._gate.busy
+
+    @property
+    def bank_log(self) -> list[Any]:
+        """Recent hand-overs of the bank (:class:`casrap.runtime.queueing.BankEvent`), oldest first."""
+        return list(self._gate.log)
 
     @property
     def context_length(self) -> int:
@@ -210,23 +281,39 @@ class AdaptiveLM:
     # ---------------------------------------------------------------- requests
     @staticmethod
     def prompt_text(prompt: str | Messages) -> str:
-        """The text the analyzer scores: the prompt, or the messages' contents joined."""
+        """The text the analyzer scores: the prompt, or the last user message of a chat.
+
+        Falls back to the last message with content when no message has the user role.
+        """
         if isinstance(prompt, str):
             return prompt
-        return "\n".join(str(m.get("content", "")) for m in prompt)
+        for message in reversed(prompt):
+            if message.get("role") == "user" and str(message.get("content") or "").strip():
+                return str(message["content"])
+        for message in reversed(prompt):
+            if str(message.get("content") or "").strip():
+                return str(message["content"])
+        return ""
+
+    @staticmethod
+    def joined_text(prompt: str | Messages) -> str:
+        """Every message's content joined (the prompt of a tokenizer without a chat template)."""
+        if isinstance(prompt, str):
+            return prompt
+        return "\n".join(str(m.get("content") or "") for m in prompt)
 
     def encode(self, prompt: str | Messages, max_new_tokens: int) -> torch.Tensor:
         """Token ids (chat template when the tokenizer has one); one-line errors for bad input."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not messages or not self.prompt_text(messages).strip():
+        if not messages or not self.joined_text(messages).strip():
             raise InputError("empty prompt: give some text or at least one message with content")
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
             ids = ids if torch.is_tensor(ids) else ids["input_ids"]
         else:
-            ids = self.tokenizer(self.prompt_text(messages), return_tensors="pt").input_ids
+            ids = self.tokenizer(self.joined_text(messages), return_tensors="pt").input_ids
         check_prompt_fits(self.router.bank.model, int(ids.shape[-1]), max_new_tokens)
         return ids
 
@@ -240,16 +327,13 @@ class AdaptiveLM:
         check_prompt_fits(self.router.bank.model, int(ids.shape[-1]), max_new_tokens)
         return ids
 
-    def _enter(self) -> tuple[float, int]:
-        """Wait for the bank; returns (seconds waited, requests still waiting behind)."""
+    def _enter(self, cancel: Cancellation | None = None, tag: Any = None) -> tuple[float, int]:
+        """Wait for the bank in arrival order; returns (seconds waited, requests still waiting behind)."""
         arrived = self.clock()
-        with self._count_lock:
-            self._waiting += 1
-        self._lock.acquire()
-        with self._count_lock:
-            self._waiting -= 1
-            behind = self._waiting
-        return self.clock() - arrived, behind
+        if not self._gate.acquire(cancel, tag):
+            reason = getattr(cancel, "reason", None) or "cancelled"
+            raise RequestCancelled(reason)
+        return self.clock() - arrived, self._gate.waiting
 
     def choose(self, prompt: str | Messages, max_new_tokens: int | None = None, latency_target_s: float | None = None) -> Decision:
         """The decision alone (no generation)."""
@@ -259,24 +343,33 @@ class AdaptiveLM:
         try:
             return self.router.decide(self.prompt_text(prompt), int(ids.shape[-1]), n, latency_target_s, behind, waited)
         finally:
-            self._lock.release()
+            self._gate.release()
 
     def _generate_ids(self, text: str, ids: torch.Tensor, n: int, target: float | None,
-                      on_text: Callable[[str], None] | None, ignore_eos: bool, profile: str | None,
-                      on_decision: Callable[[Decision], None] | None = None, **sampling: Any) -> Generation:
-        waited, behind = self._enter()
+                      on_step: Callable[[StreamPiece], None] | None, ignore_eos: bool, profile: str | None,
+                      on_decision: Callable[[Decision], None] | None = None, cancel: Cancellation | None = None,
+                      **sampling: Any) -> Generation:
+        tag = id(cancel) if cancel is not None else None
+        waited, behind = self._enter(cancel, tag)
+        expired = False
         try:
             start = self.clock()
+            if profile is None and target is not None and waited >= target:
+                expired, profile = True, self.fastest_profile
             if profile is None:
                 decision = self.router.decide(text, int(ids.shape[-1]), n, target, behind, waited)
             else:
                 decision = self.router.fixed_decision(profile, ids, n, behind, waited)
             if on_decision is not None:
                 on_decision(decision)
-            routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
+            if cancel is not None:
+                sampling["cancel"] = cancel
+            if on_step is not None:
+                sampling["on_step"] = on_step
+            routed = self.router.run(decision, ids, n, ignore_eos=ignore_eos, **sampling)
             latency = self.clock() - start
         finally:
-            self._lock.release()
+            self._gate.release(tag)
         d, o = routed.decision, routed.output
         total = latency + waited
         record = GenerationRecord(
@@ -286,9 +379,14 @@ class AdaptiveLM:
             prompt_tokens=int(ids.shape[-1]), completion_tokens=len(o.token_ids),
             tokens_per_s=len(o.token_ids) / o.generation_s if o.generation_s > 0 else 0.0,
             target_s=target, target_met=None if target is None else total <= target, finish_reason=o.finish_reason,
-            budget_ratio=d.budget_ratio, estimated_full_s=d.estimated_full_s,
+            budget_ratio=d.budget_ratio, estimated_full_s=d.estimated_full_s, target_expired=expired,
+            cancel_to_stop_s=getattr(o, "cancel_to_stop_s", None),
         )
-        return Generation(o.text, record, o.token_ids)
+        return Generation(o.text, record, o.token_ids, getattr(o, "logprobs", None), getattr(o, "stop", None))
+
+    def _check_profile(self, profile: str | None) -> None:
+        if profile is not None and profile not in self.router.actions:
+            raise InputError(f"no profile named {profile!r}; have {', '.join(self.router.actions)}")
 
     def generate(
         self,
@@ -299,21 +397,51 @@ class AdaptiveLM:
         ignore_eos: bool = False,
         profile: str | None = None,
         raw: bool = False,
+        cancel: Cancellation | None = None,
         **sampling: Any,
     ) -> Generation | GenerationStream:
         """Answer a prompt (or chat messages) on the profile the policy picks.
 
         ``stream=True`` returns a :class:`GenerationStream` of text pieces. ``profile``
         forces a profile (baselines); ``raw`` skips the chat template; ``ignore_eos``
-        generates exactly ``max_new_tokens`` (timing). ``sampling``: ``do_sample``,
-        ``temperature``, ``top_p`` (greedy by default).
+        generates exactly ``max_new_tokens`` (timing); ``cancel`` stops the request
+        from another thread. ``sampling``: see
+        :func:`casrap.decide.generation.generate_timed` (``do_sample``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed``, ``stop``, penalties, ``logprobs``; greedy by default).
         """
         n = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if profile is not None and profile not in self.router.actions:
-            raise InputError(f"no profile named {profile!r}; have {', '.join(self.router.actions)}")
+        self._check_profile(profile)
         ids = self.encode_raw(prompt, n) if raw and isinstance(prompt, str) else self.encode(prompt, n)
         text = self.prompt_text(prompt)
         if stream:
-            return GenerationStream(lambda on_text, on_decision: self._generate_ids(
-                text, ids, n, latency_target_s, on_text, ignore_eos, profile, on_decision, **sampling))
-        return self._generate_ids(text, ids, n, latency_target_s, None, ignore_eos, profile, **sampling)
+            token = cancel if cancel is not None else Cancellation()
+            return GenerationStream(lambda on_step, on_decision: self._generate_ids(
+                text, ids, n, latency_target_s, on_step, ignore_eos, profile, on_decision, token, **sampling), token)
+        return self._generate_ids(text, ids, n, latency_target_s, None, ignore_eos, profile, cancel=cancel, **sampling)
+
+    def submit(
+        self,
+        prompt: str | Messages,
+        max_new_tokens: int | None = None,
+        latency_target_s: float | None = None,
+        ignore_eos: bool = False,
+        profile: str | None = None,
+        raw: bool = False,
+        cancel: Cancellation | None = None,
+        notify: Callable[[], None] | None = None,
+        **sampling: Any,
+    ) -> GenerationStream:
+        """Like ``generate(stream=True)``, but tokenising and templating happen in the worker
+        thread too (a server's event loop never does that work); bad input surfaces from
+        :meth:`GenerationStream.wait_decision` or the stream's ``error``. ``notify`` is
+        called from the worker whenever the stream has news."""
+        n = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+
+        def run(on_step: Callable[[StreamPiece], None], on_decision: Callable[[Decision], None]) -> Generation:
+            self._check_profile(profile)
+            ids = self.encode_raw(prompt, n) if raw and isinstance(prompt, str) else self.encode(prompt, n)
+            return self._generate_ids(self.prompt_text(prompt), ids, n, latency_target_s, on_step, ignore_eos, profile,
+                                      on_decision, token, **sampling)
+
+        token = cancel if cancel is not None else Cancellation()
+        return GenerationStream(run, token, notify)

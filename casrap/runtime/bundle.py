@@ -10,12 +10,21 @@ changes what ``ffn-8`` means, silently. A bundle therefore stores, in one folder
   calibration the plans were built from, training provenance (replay file, prompt
   keys) and the runtime defaults (latency budget when none is asked for).
 
-Loading checks all of it and fails with one line (:class:`CheckpointError`) on a
-format, observation-spec, action-count or model-fingerprint mismatch: a policy must
-never run on actions or observations other than those it was trained on.
+- the calibration (importance) file the plans were built from, and the low-rank basis
+  where a plan has ranks: the bank is reordered from the bundle's own calibration, so
+  every machine loading the bundle runs the same weights, whatever ``$CASRAP_HOME`` holds;
+- ``plans/NN.adapter/``: the LoRA adapter of every healed plan, pinned by SHA-256 in
+  the plan.
 
-Policy zips are pickles: load only bundles you trust (SB3's loader is given
-``custom_objects`` for schedules, but the file still unpickles its spaces).
+Loading checks all of it and fails with one line (:class:`CheckpointError`) on a
+format, observation-spec, action-count or model-fingerprint mismatch, a changed
+adapter, or a path that leaves the bundle: a policy must never run on actions or
+observations other than those it was trained on.
+
+The policy zip is loaded without unpickling anything
+(:func:`casrap.agents.training.load_policy`): every pickled entry SB3 stores (spaces,
+schedules, classes) is rebuilt from the zip's plain JSON fields, and the weights come
+through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from casrap.envs.observation import OBSERVATION_FEATURES, OBSERVATION_VERSION, PPL_SCALE, RUN_QUEUE_SCALE, TARGET_SCALE, TOKENS_SCALE
+from casrap.decide.observation import OBSERVATION_FEATURES, OBSERVATION_VERSION, PPL_SCALE, RUN_QUEUE_SCALE, TARGET_SCALE, TOKENS_SCALE
+from casrap.decide.defaults import RuntimeDefaults
 from casrap.errors import CheckpointError
 from casrap.profiles.plan import PruningPlan
 
@@ -36,6 +46,16 @@ BUNDLE_FORMAT = "casrap-bundle/1"
 MANIFEST = "bundle.json"
 POLICY = "policy.zip"
 DEFAULT_BUNDLE = "default"
+BASIS = "lowrank-basis.safetensors"
+
+
+def bundle_file(root: Path, name: str, what: str) -> Path:
+    """``root / name``, refused in one line when ``name`` is absolute or leaves the bundle."""
+    from casrap.profiles.adapter import inside
+
+    if not name or Path(name).is_absolute() or not inside(root / name, root):
+        raise CheckpointError(f"bundle {root}: {what} {name!r} lies outside the bundle folder; refusing it")
+    return root / name
 
 
 def observation_spec() -> dict[str, Any]:
@@ -45,34 +65,6 @@ def observation_spec() -> dict[str, Any]:
         "features": list(OBSERVATION_FEATURES),
         "scales": {"prompt_tokens": TOKENS_SCALE, "prompt_ppl": PPL_SCALE, "latency_target": TARGET_SCALE, "run_queue": RUN_QUEUE_SCALE},
     }
-
-
-@dataclass
-class RuntimeDefaults:
-    """What the runtime does when a request leaves something out.
-
-    Attributes:
-        budget_ratio: latency target as a multiple of the predicted *unloaded*
-            full-model latency when a request names no target. The upper end of the
-            training range: generous enough that the policy keeps quality when the
-            machine is free, inside the range the policy has seen.
-        max_new_tokens: new tokens when a request names no limit.
-        analysis_tokens: leading prompt tokens scored for the perplexity feature
-            (as in training).
-        queue_weight: each request waiting behind this one shrinks its budget by
-            this share (``budget / (1 + w * waiting)``), so a queue pushes the policy
-            towards faster profiles.
-    """
-
-    budget_ratio: float = 3.0
-    max_new_tokens: int = 64
-    analysis_tokens: int = 64
-    queue_weight: float = 0.5
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RuntimeDefaults:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass
@@ -101,25 +93,54 @@ class PolicyBundle:
         return self.path / POLICY
 
     def check_model(self, model: Any) -> None:
-        """Raise one line unless ``model`` has the weights the plans were made for."""
-        from casrap.models.architecture import model_key
+        """Raise one line unless ``model`` has the weights the plans were made for
+        (the reorder-stable fingerprint: a model already reordered by a bank still matches)."""
+        from casrap.profiles.bank import bank_fingerprint
 
-        key = model_key(model)
+        key = bank_fingerprint(model)
         if key != self.fingerprint:
             raise CheckpointError(
                 f"bundle {self.path} was built for model {self.model_spec or '?'} (fingerprint {self.fingerprint}); "
                 f"the loaded model has fingerprint {key}: build a bundle for this model (casrap bundle)"
             )
 
+    def importance(self) -> Any:
+        """The bundle's own calibration (``None`` for a bundle written without one)."""
+        from casrap.pruners.importance import Importance
+
+        name = (self.manifest.get("calibration") or {}).get("file")
+        if not name:
+            return None
+        return Importance.load(bundle_file(self.path, str(name), "calibration file"), expected_key=self.fingerprint)
+
+    def lowrank_basis(self) -> Any:
+        """The bundle's low-rank basis, for its rank plans (one-line error if it has none)."""
+        from casrap.pruners.lowrank import LowRankBasis
+
+        name = (self.manifest.get("lowrank_basis") or {}).get("file")
+        if not name:
+            raise CheckpointError(f"bundle {self.path} has low-rank plans but no low-rank basis; rewrite it with casrap bundle")
+        return LowRankBasis.load(bundle_file(self.path, str(name), "low-rank basis"), expected_key=self.fingerprint)
+
     def build_bank(self, model: Any) -> Any:
-        """The ProfileBank of this bundle's exact plans, in action order (no calibration)."""
-        from casrap.profiles.bank import ProfileBank
+        """The ProfileBank of this bundle's exact plans, in action order.
+
+        The base is reordered from the bundle's calibration when a plan slices heads or
+        FFN channels, before any profile is built; rank plans use the bundle's basis.
+        Nothing under ``$CASRAP_HOME`` is read: the same bundle on the same weights builds
+        bitwise the same profiles on every machine.
+        """
+        from casrap.profiles.bank import ProfileBank, needs_reorder
 
         self.check_model(model)
-        bank = ProfileBank(model, base_model=self.model_spec)
+        importance = self.importance() if needs_reorder(self.plans) else None
+        bank = ProfileBank(model, base_model=self.model_spec, importance=importance, lazy_reorder=False)
+        if any(p.ranks for p in self.plans):
+            bank.lowrank_basis = self.lowrank_basis()
         for plan in self.plans:
             if plan.name != "none":
                 bank.add(plan)
+        bank.lowrank_basis = None
         if bank.names != self.actions:
             raise CheckpointError(f"bundle {self.path}: action order {self.actions} does not start with the full model 'none'")
         return bank
@@ -179,10 +200,13 @@ def load_bundle(source: str | Path | None = None) -> PolicyBundle:
         files = list(manifest["plans"])
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"bundle {path}: manifest lacks {err}") from err
-    plans = [PruningPlan.load(path / f) for f in files]
+    plans = [PruningPlan.load(bundle_file(path, str(f), "plan")) for f in files]
+    from casrap.profiles.adapter import plan_adapter_path
+
     for plan in plans:
         if plan.fingerprint and plan.fingerprint != fingerprint:
             raise CheckpointError(f"bundle {path}: plan {plan.name!r} has fingerprint {plan.fingerprint}, the bundle {fingerprint}")
+        plan_adapter_path(plan, confine=path)  # inside the bundle (or the package) and unchanged
     if [p.name for p in plans] != list(manifest.get("actions", [])):
         raise CheckpointError(f"bundle {path}: plans {[p.name for p in plans]} differ from actions {manifest.get('actions')}")
     return PolicyBundle(path, manifest, plans, RuntimeDefaults.from_dict(manifest.get("defaults", {})))
@@ -201,8 +225,10 @@ def write_bundle(
     """Write a bundle from a trained policy zip and the bank its actions index.
 
     ``bank.names`` must be the policy's action order (as in the env that trained it).
-    ``calibration`` (the importance file the plans were built from) is copied in for
-    provenance; the plans alone rebuild the bank.
+    The bundle gets the importance the bank was reordered by (else ``calibration``, the
+    file the plans were built from), the low-rank basis if a plan has ranks, and a copy
+    of every healed plan's adapter beside its plan (``plans/NN.adapter``), pinned by its
+    SHA-256: the folder alone rebuilds the bank, on any machine.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -221,15 +247,35 @@ def write_bundle(
         old.unlink()
     files = []
     for index, name in enumerate(bank.names):
-        plan = bank.profile(name).plan
-        plan.fingerprint = bank.fingerprint
+        plan = _bundled_plan(bank.profile(name).plan, bank.fingerprint, out_dir / "plans", f"{index:02d}")
         files.append(str(plan.save(out_dir / "plans" / f"{index:02d}.json").relative_to(out_dir)))
+    kept = {f"{i:02d}.adapter" for i, n in enumerate(bank.names) if bank.profile(n).plan.meta.get("adapter")}
+    for old in (out_dir / "plans").glob("*.adapter"):
+        if old.name not in kept:
+            shutil.rmtree(old)
     shutil.copyfile(policy_zip, out_dir / POLICY)
     info = describe(bank.model)
     cal: dict[str, Any] = {"sources": sorted({str(bank.profile(n).plan.meta.get("importance", "")) for n in bank.names} - {""})}
-    if calibration is not None and Path(calibration).is_file():
+    importance = getattr(bank, "importance", None)
+    if importance is not None:
+        name = f"{bank.fingerprint}-calibration.safetensors"
+        importance.save(out_dir / name)
+        cal["file"] = name
+    elif calibration is not None and Path(calibration).is_file():
         shutil.copyfile(calibration, out_dir / Path(calibration).name)
         cal["file"] = Path(calibration).name
+    basis: dict[str, Any] = {}
+    if any(bank.profile(n).plan.ranks for n in bank.names):
+        from casrap.pruners.lowrank import default_basis_path
+
+        source = default_basis_path(bank.fingerprint)
+        if bank.lowrank_basis is not None:
+            bank.lowrank_basis.save(out_dir / BASIS)
+        elif source.is_file():
+            shutil.copyfile(source, out_dir / BASIS)
+        else:
+            raise CheckpointError(f"the bank has low-rank plans but no basis at {source} to bundle; build them once (casrap bench -p lowrank-25)")
+        basis["file"] = BASIS
     manifest = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -241,8 +287,28 @@ def write_bundle(
         "observation": observation_spec(),
         "reward": reward or {},
         "calibration": cal,
+        **({"lowrank_basis": basis} if basis else {}),
         "training": training or {},
         "defaults": (defaults or RuntimeDefaults()).__dict__,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
     return out_dir
+
+
+def _bundled_plan(plan: PruningPlan, fingerprint: str, plans_dir: Path, stem: str) -> PruningPlan:
+    """A copy of ``plan`` for the bundle: its fingerprint set and, for a healed plan, its
+    adapter copied to ``plans_dir/STEM.adapter`` and named relative to the plan, with the
+    adapter's SHA-256 pinned (the bank's own plan is left untouched)."""
+    from casrap.profiles.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DIGEST_KEY, adapter_digest, plan_adapter_path
+
+    copy = PruningPlan.from_dict(plan.to_dict())
+    copy.fingerprint = fingerprint
+    source = plan_adapter_path(plan)
+    if source is not None:
+        target = plans_dir / f"{stem}.adapter"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not (target / name).exists() or not (target / name).samefile(source / name):
+                shutil.copyfile(source / name, target / name)
+        copy.meta = {**copy.meta, "adapter": target.name, DIGEST_KEY: adapter_digest(target)}
+    return copy

@@ -39,12 +39,14 @@ def recorded_layer_plans(bank: Any, descriptions: dict[str, str]) -> dict[str, A
 
 
 def rebuild_with(bank: Any, replacements: dict[str, Any]) -> Any:
-    """A new bank on the same model with some plans replaced, same action order."""
-    from casrap.profiles.bank import ProfileBank
+    """A new bank on the same model with some plans replaced, same action order.
 
+    The new bank is the old one's sibling: it keeps the model's layout (the reorder, if
+    any) and its settings, and cannot reorder a model the old bank's profiles depend on.
+    """
     plans = [replacements.get(n, bank.profile(n).plan) for n in bank.names]
     bank.activate("none")
-    fresh = ProfileBank(bank.model, base_model=bank.base_model)
+    fresh = bank.sibling()
     for plan in plans:
         if plan.name != "none":
             fresh.add(plan)

@@ -15,7 +15,11 @@ Compared, all at the same parameter count, on validation and test (never search)
 
 And LLM-Sieve's uniform baseline: a binary search on the *search* split for the largest
 uniform reduction whose perplexity stays within ``(1 + tolerance)`` of the full model's,
-next to the same search for the min-error allocation.
+next to the same search for the min-error allocation and for per-matrix ranks under one
+error threshold (each projection the smallest rank dropping at most that share of its
+calibration output energy, :func:`casrap.pruners.lowrank.ranks_within_error`); the one
+that removes the most parameters within the budget is saved as ``ranks-budget-T``.
+The basis is fitted on the user's task text when ``--calibration-text`` is given.
 """
 
 from __future__ import annotations
@@ -148,13 +152,26 @@ def run_ranks(
             results[name] = {"history": [asdict(h) for h in result.history], "search_fitness": result.best_fitness}
         limit = (1.0 + tolerance) * full_search_ppl
         bisect: dict[str, Any] = {"tolerance": tolerance, "limit_ppl": limit, "full_search_ppl": full_search_ppl, "rows": []}
+        within: list[tuple[float, str, lowrank.Ranks]] = []
         for method, make in (("uniform (LLM-Sieve binary search)", lambda f: lowrank.uniform_ranks(basis.shapes, f)),
-                             ("min-error allocation", lambda f: lowrank.allocate_ranks(basis, f))):
+                             ("min-error allocation", lambda f: lowrank.allocate_ranks(basis, f)),
+                             ("per-matrix error threshold", lambda e: lowrank.ranks_within_error(basis, e))):
             fraction, found = bisect_fraction(lambda f: evaluate_ranks(make(f)), limit)
             entry: dict[str, Any] = {"method": method, "fraction": fraction, "search_ppl": found}
             if fraction > 0:
-                entry.update(row(method, fraction, make(fraction)))
+                ranks = make(fraction)
+                entry.update(row(method, fraction, ranks))
+                within.append((lowrank.removed_fraction(ranks, basis.shapes), method, ranks))
             bisect["rows"].append(entry)
+        if within:  # the quality-budget plan: the most parameters removed within the search budget
+            removed, method, ranks = max(within, key=lambda w: w[0])
+            name = f"ranks-budget-{round(100 * tolerance)}"
+            plans[name] = PruningPlan(
+                name=name, ranks=ranks,
+                description=(f"low-rank projections within {100 * tolerance:g}% of the full model's search perplexity: "
+                             f"{100 * removed:.1f}% of projection parameters removed ({method})"),
+                meta={"search": "ranks", "budget": {"tolerance": tolerance, "limit_ppl": limit}, "method": method, "basis": basis.source},
+            )
     finally:
         for m in basis.matrices.values():
             m.projected = None

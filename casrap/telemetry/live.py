@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,10 +47,42 @@ class Telemetry(Protocol):
     def read(self) -> TelemetryReading: ...
 
 
-class LiveTelemetry:
-    """Reads this machine through psutil, NVML (nvidia-ml-py) and torch.cuda."""
+def nvml_handle(pynvml: Any, gpu_index: int | None = None, device: Any = None) -> Any:
+    """The NVML handle of the GPU casrap runs on.
 
-    def __init__(self, gpu_index: int = 0) -> None:
+    ``gpu_index`` is an NVML (physical) index, used as given. Otherwise the CUDA device
+    (``device``, default ``cuda:0``) is mapped to its physical GPU: NVML numbers GPUs
+    without regard to ``CUDA_VISIBLE_DEVICES``, so ``cuda:0`` under
+    ``CUDA_VISIBLE_DEVICES=3`` is NVML's GPU 3 (a UUID entry is looked up by UUID).
+    """
+    import os
+
+    if gpu_index is not None:
+        return pynvml.nvmlDeviceGetHandleByIndex(int(gpu_index))
+    cuda_index = 0
+    if device is not None:
+        text = str(device)
+        if text.startswith("cuda"):
+            cuda_index = int(text.split(":", 1)[1]) if ":" in text else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible or "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+    if cuda_index >= len(visible):
+        raise ValueError(f"cuda:{cuda_index} is not among CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
+    entry = visible[cuda_index]
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
+
+
+class LiveTelemetry:
+    """Reads this machine through psutil, NVML (nvidia-ml-py) and torch.cuda.
+
+    GPU figures are those of the GPU the model runs on: ``device`` (a CUDA device, e.g.
+    the model's) or an explicit NVML ``gpu_index``; by default the first visible GPU.
+    """
+
+    def __init__(self, gpu_index: int | None = None, device: Any = None) -> None:
         import psutil
 
         self._psutil = psutil
@@ -66,7 +98,7 @@ class LiveTelemetry:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+            self._nvml_handle = nvml_handle(pynvml, gpu_index, device)
         except Exception:  # noqa: BLE001 - no driver, no GPU, no library: fall back
             try:
                 import torch

@@ -1,11 +1,15 @@
 """Normalisation shared by the live and replay environments and the runtime (one definition).
 
-Observation spec version 2 (issue 11): the machine is described by the load *other*
+Observation spec version 3: the machine is described by the load *other*
 processes put on it (not casrap's own CPU, which read ~100% whatever the load), and
 the latency target is absolute — seconds for the whole answer — shown to the policy as
 a multiple of the *predicted unloaded* full-model latency for this prompt length and
-token count (:mod:`casrap.measure.latency_model`), so no feature needs the full model
-to run on the request being decided.
+token count (:mod:`casrap.decide.latency_model`), so no feature needs the full model
+to run on the request being decided. Two features say how fast *casrap* runs now: the
+measured slowdown of its own decode steps against the unloaded model
+(:mod:`casrap.decide.slowdown`), and the share of the available cores its threads may use
+(:mod:`casrap.telemetry.threads`): one busy core costs nothing with one thread and 2-3x
+with two spinning ones, which telemetry alone cannot tell apart.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-OBSERVATION_VERSION = 2
+OBSERVATION_VERSION = 3
 TOKENS_SCALE = 512.0
 PPL_SCALE = 100.0
 TARGET_SCALE = 4.0  # target / predicted unloaded full latency: 4x and above reads 1
@@ -33,6 +37,8 @@ OBSERVATION_FEATURES = (
     "prompt_tokens",
     "prompt_ppl",
     "latency_target",
+    "slowdown",
+    "threads",
 )
 
 
@@ -42,12 +48,17 @@ def _get(reading: Any, key: str, default: float = 0.0) -> float:
     return float(getattr(reading, key, default))
 
 
-def observation_vector(reading: Any, prompt_tokens: int, prompt_ppl: float, target_ratio: float) -> np.ndarray:
-    """Eleven features in [0, 1] from a telemetry reading (object or dict) and the request.
+def observation_vector(reading: Any, prompt_tokens: int, prompt_ppl: float, target_ratio: float,
+                       slowdown: float = 1.0, thread_share: float = 1.0) -> np.ndarray:
+    """Thirteen features in [0, 1] from a telemetry reading (object or dict) and the request.
 
     ``target_ratio`` is the request's latency target over the predicted unloaded
-    full-model latency (``inf`` when the request has none: reads 1).
+    full-model latency (``inf`` when the request has none: reads 1); ``slowdown`` is
+    casrap's measured decode slowdown (1 = unloaded speed); ``thread_share`` the threads
+    the request runs with over the cores available to the process.
     """
+    from casrap.decide.slowdown import slowdown_feature
+
     mem_total = _get(reading, "mem_total_gb")
     vram_total = _get(reading, "vram_total_gb")
     mem_available = _get(reading, "mem_available_gb")
@@ -63,5 +74,7 @@ def observation_vector(reading: Any, prompt_tokens: int, prompt_ppl: float, targ
         prompt_tokens / TOKENS_SCALE,
         prompt_ppl / PPL_SCALE,
         target_ratio / TARGET_SCALE if np.isfinite(target_ratio) else 1.0,
+        slowdown_feature(slowdown),
+        thread_share,
     ]
     return np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)

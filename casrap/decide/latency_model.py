@@ -7,7 +7,12 @@ Two uses, one model:
   prompt length and token count, so no observation feature needs the full model to
   run on the request being decided. The full model's unloaded fit is measured once
   per model and machine (the "latency calibration", seconds on 2 cores) and cached
-  under ``$CASRAP_HOME/latency/``, with its error on held-out measurements.
+  under ``$CASRAP_HOME/latency/``, with its error on held-out measurements. The cache
+  is keyed by what the fit measured: the model's weights (reorder-stable fingerprint),
+  the device it ran on (CPU, or which GPU), its dtype, the thread policy and the machine
+  (CPU model, core count, torch version). A cached fit that does not match all of
+  them, or that was measured while other processes used more than
+  :data:`LOAD_LIMIT_PCT` % of the CPU, is never used: it is measured again.
 - **Recordings at scale.** ``casrap record`` fits one model per (profile, load level)
   on a measured subset of prompts and fills in the rest, saying which figures are
   measured and which modelled, and the fit's error on measured contexts it was not
@@ -41,6 +46,7 @@ from casrap.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 LATENCY_FORMAT = "casrap-latency/1"
+LOAD_LIMIT_PCT = 25.0  # other processes' CPU share (% of the machine) above which a fit is not "unloaded"
 
 
 @dataclass(frozen=True)
@@ -141,12 +147,54 @@ def cpu_name() -> str:
 
 
 def machine_key() -> str:
-    """What makes a latency fit this machine's: CPU model and count, torch threads, GPU name."""
+    """What makes a latency fit this machine's: CPU model, core count, torch version.
+
+    The device, dtype and threads a fit ran with are keyed separately (:func:`run_context`).
+    """
     import torch
 
-    cpu = cpu_name()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    raw = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{gpu}|{torch.__version__}"
+    raw = f"{cpu_name()}|{os.cpu_count()}|{torch.__version__}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def thread_key() -> str:
+    """How generation is threaded here: the execution policy's key where it exists, else
+    torch's intra-op thread count and ``OMP_WAIT_POLICY``."""
+    try:
+        from casrap.telemetry.threads import thread_policy_key
+    except ImportError:  # pragma: no cover - older trees
+        import torch
+
+        return f"threads{torch.get_num_threads()}/wait-{os.environ.get('OMP_WAIT_POLICY', '').lower() or 'default'}"
+    return thread_policy_key()
+
+
+def device_label(device: Any) -> str:
+    """``cpu``, or ``cuda:N <GPU name>``: two GPUs of different kinds never share a fit."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return device.type
+
+
+def run_context(model: Any) -> dict[str, str]:
+    """What a latency fit of ``model`` depends on besides its weights: device, dtype,
+    thread policy and machine (the cache key; also stored in the fit and checked on load)."""
+    parameter = next(model.parameters())
+    return {"device": device_label(parameter.device), "dtype": str(parameter.dtype).replace("torch.", ""),
+            "threads": thread_key(), "machine": machine_key()}
+
+
+def default_context() -> dict[str, str]:
+    """The context of a float32 model on the CPU (for callers that only know the fingerprint)."""
+    return {"device": "cpu", "dtype": "float32", "threads": thread_key(), "machine": machine_key()}
+
+
+def context_key(context: dict[str, str]) -> str:
+    raw = "|".join(f"{k}={context[k]}" for k in sorted(context))
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -160,9 +208,11 @@ class UnloadedLatencyModel:
         machine: :func:`machine_key` of the machine.
         device: where the model ran.
         holdout: leave-one-prompt-out relative error of total latency.
-        other_cpu_util: mean CPU share other processes used while measuring (an
-            "unloaded" fit taken on a busy machine says so).
+        other_cpu_util: mean CPU share other processes used while measuring (a fit
+            above :data:`LOAD_LIMIT_PCT` is not cached and never reused).
         measured_at: Unix time.
+        dtype: the model's dtype while measured.
+        threads: the thread policy's key while measured (:func:`thread_key`).
     """
 
     fit: LatencyFit
@@ -172,6 +222,23 @@ class UnloadedLatencyModel:
     holdout: dict[str, float] = field(default_factory=dict)
     other_cpu_util: float = 0.0
     measured_at: float = 0.0
+    dtype: str = ""
+    threads: str = ""
+
+    @property
+    def context(self) -> dict[str, str]:
+        return {"device": self.device, "dtype": self.dtype, "threads": self.threads, "machine": self.machine}
+
+    def mismatch(self, model_key: str, context: dict[str, str]) -> str | None:
+        """Why this fit does not describe ``model_key`` under ``context`` (None: it does)."""
+        if self.model_key != model_key:
+            return f"it was measured on model {self.model_key or '?'}, not {model_key}"
+        for key, value in context.items():
+            if self.context.get(key) != value:
+                return f"it was measured with {key} {self.context.get(key) or '?'}, this run has {value}"
+        if self.other_cpu_util > LOAD_LIMIT_PCT:
+            return f"it was measured while other processes used {self.other_cpu_util:.0f}% CPU (limit {LOAD_LIMIT_PCT:.0f}%)"
+        return None
 
     def predict(self, prompt_tokens: int, new_tokens: int) -> float:
         """Seconds the full model needs for this request on an idle machine."""
@@ -190,7 +257,8 @@ class UnloadedLatencyModel:
             fit = LatencyFit(**{k: data["fit"][k] for k in ("ttft_a", "ttft_b", "decode_c", "decode_d")},
                              samples=int(data["fit"].get("samples", 0)))
             return cls(fit, str(data.get("model_key", "")), str(data.get("machine", "")), str(data.get("device", "cpu")),
-                       dict(data.get("holdout", {})), float(data.get("other_cpu_util", 0.0)), float(data.get("measured_at", 0.0)))
+                       dict(data.get("holdout", {})), float(data.get("other_cpu_util", 0.0)), float(data.get("measured_at", 0.0)),
+                       str(data.get("dtype", "")), str(data.get("threads", "")))
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"malformed latency model: {err}") from err
 
@@ -233,7 +301,7 @@ def measure_latency(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[LatencySample], list[str]]:
     """Time the *active* profile on each prompt ``repeats`` times (after one warm-up run)."""
-    from casrap.runtime.generation import generate_timed
+    from casrap.decide.generation import generate_timed
 
     generate_timed(model, tokenizer, prompts[0], 2, clock=clock, ignore_eos=True)
     samples, groups = [], []
@@ -249,10 +317,11 @@ def measure_latency(
     return samples, groups
 
 
-def latency_cache_path(model_key: str, home: Path | None = None) -> Path:
+def latency_cache_path(model_key: str, home: Path | None = None, context: dict[str, str] | None = None) -> Path:
+    """Where the fit of ``model_key`` under ``context`` (default: float32 on the CPU) is cached."""
     from casrap.paths import casrap_home
 
-    return (home or casrap_home()) / "latency" / f"{model_key}-{machine_key()}.json"
+    return (home or casrap_home()) / "latency" / f"{model_key}-{context_key(context or default_context())}.json"
 
 
 def load_or_fit_latency_model(
@@ -264,22 +333,31 @@ def load_or_fit_latency_model(
     repeats: int = 2,
     cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    refit: bool = False,
 ) -> UnloadedLatencyModel:
     """The cached unloaded latency model of this model on this machine, measured on first use.
 
     Measures the *full* model (a bank is switched to ``none`` and left there) on
     calibration-text prompts of several lengths; the error reported is
-    leave-one-length-out.
+    leave-one-length-out. A cached fit is used only when it matches the weights, device,
+    dtype, thread policy and machine of this run and was measured on a quiet machine;
+    ``refit`` measures again regardless (``casrap calibrate --latency``). A fit measured
+    under load above :data:`LOAD_LIMIT_PCT` is returned but not cached.
     """
-    from casrap.models.architecture import model_key
+    from casrap.profiles.bank import bank_fingerprint
 
     bank = bank_or_model if hasattr(bank_or_model, "activate") else None
     model = bank.model if bank is not None else bank_or_model
-    key = model_key(model)
-    path = latency_cache_path(key)
-    if cache and path.is_file():
+    key = bank.fingerprint if bank is not None else bank_fingerprint(model)
+    context = run_context(model)
+    path = latency_cache_path(key, context=context)
+    if cache and not refit and path.is_file():
         try:
-            return UnloadedLatencyModel.load(path)
+            cached = UnloadedLatencyModel.load(path)
+            why = cached.mismatch(key, context)
+            if why is None:
+                return cached
+            log.warning("re-measuring the latency model: the cached one does not fit (%s)", why)
         except CheckpointError as err:
             log.warning("re-measuring the latency model: %s", err)
     if bank is not None:
@@ -292,11 +370,13 @@ def load_or_fit_latency_model(
     samples, groups = measure_latency(model, tokenizer, prompts, new_tokens, repeats, progress=progress)
     other = float(telemetry.read().other_cpu_util) if telemetry is not None else 0.0
     result = UnloadedLatencyModel(
-        fit_latency(samples), key, machine_key(), device.type, grouped_holdout_error(samples, groups), other, started,
+        fit_latency(samples), key, context["machine"], context["device"], grouped_holdout_error(samples, groups), other, started,
+        context["dtype"], context["threads"],
     )
-    if other > 25:
-        log.warning("latency model measured while other processes used %.0f%% CPU: it is not an unloaded fit", other)
-    if cache:
+    if other > LOAD_LIMIT_PCT:
+        log.warning("latency model measured while other processes used %.0f%% CPU (limit %.0f%%): not an unloaded fit, "
+                    "not cached; it is measured again next time", other, LOAD_LIMIT_PCT)
+    elif cache:
         result.save(path)
     log.info("latency model: TTFT %.1f ms + %.3f ms/prompt token, decode %.1f ms/token; held-out median error %.1f%%",
              1e3 * result.fit.ttft_a, 1e3 * result.fit.ttft_b, 1e3 * result.fit.decode_c,
