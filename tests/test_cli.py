@@ -80,3 +80,18 @@ def test_info_and_bench_json_on_tiny(tmp_path):
     assert bench["corpus"] == "casrap-prose/test"  # held-out third, never calibration text
     masked = bench["profiles"][3]
     assert masked["functional"] and masked["ideal_speedup"] == 1.0
+
+
+def test_record_then_train_and_test_on_the_recording(tmp_path):
+    """`casrap record` writes a replay whose every latency is measured; replay training and testing read it."""
+    args = ["record", "--model", "tiny-random-llama", "--output", "rec.jsonl", "--train-prompts", "3", "--test-prompts", "2",
+            "--loads", "0,1", "--max-new-tokens", "3", "--timing-tokens", "2", "--settle", "0", "--block", "2",
+            "-p", "layers-25", "-p", "ffn-25", "--json"]
+    summary = json.loads(run(args, tmp_path).stdout)
+    assert summary["contexts"] == 5 * 2 and summary["profiles"] == ["none", "layers-25", "ffn-25"]
+    records = [json.loads(line) for line in (tmp_path / "rec.jsonl").read_text().splitlines()]
+    assert records[0]["thread_policy"].startswith("free-cores") and set(records[0]["profile_speed"]) == set(summary["profiles"])
+    assert {r["latency_source"] for r in records[1:]} == {"measured"}
+    run(["train", "--replay", "rec.jsonl", "--reward", "slo", "--episodes", "30", "--checkpoint", "ck/p.zip", "--json"], tmp_path)
+    result = json.loads(run(["test", "--replay", "rec.jsonl", "--checkpoint", "ck/p.zip", "--json"], tmp_path).stdout)
+    assert "policy" in json.dumps(result)

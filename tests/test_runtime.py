@@ -362,3 +362,20 @@ def test_live_train_writes_a_bundle_that_runs(tiny, tmp_path):
     adaptive = AdaptiveLM.load(bundle_dir_for(checkpoint), model=tiny, telemetry=FakeTelemetry(0), warmup_tokens=0)
     assert adaptive.profiles == ["none", "layers-25"]
     assert adaptive.generate(PROMPT, max_new_tokens=2).record.profile in adaptive.profiles
+
+
+def test_kv_compression_profiles_generate_through_the_router(tiny):
+    from casrap.decide.router import Router
+    from casrap.errors import InputError
+    from casrap.profiles.factory import build_bank
+
+    bank = build_bank(tiny.model, ["none", "kv-50"], base_model="tiny", tokenizer=tiny.tokenizer)
+    router = Router(bank, tiny.tokenizer, None, telemetry=FakeTelemetry(0), unloaded=UnloadedLatencyModel(LatencyFit(0.01, 0.0, 0.001, 0.0)))
+    ids = tiny.tokenizer("hello world " * 40, return_tensors="pt").input_ids
+    full = router.run(router.fixed_decision("none", ids, 5), ids, 5, ignore_eos=True).output
+    kept = router.run(router.fixed_decision("kv-50", ids, 5), ids, 5, ignore_eos=True).output
+    assert len(kept.token_ids) == 5 and len(kept.decode_steps_s) == 4 and kept.ttft_s > 0
+    assert kept.token_ids != full.token_ids  # half the prompt's cache is gone: a different model of the text
+    assert bank.active == "none"
+    with pytest.raises(InputError, match="does not support stop"):
+        router.run(router.fixed_decision("kv-50", ids, 5), ids, 5, stop=["x"])

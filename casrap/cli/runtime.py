@@ -68,14 +68,25 @@ def serve(
     device: str = DeviceOpt,
     model_id: Optional[str] = typer.Option(None, "--model-id", help="OpenAI model id to answer to (default: the model spec)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for the model; beyond: 429 with Retry-After"),
+    max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", help="largest max_tokens a request may ask for (400 above)"),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may take, queue included (0 = none)"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="largest request body (413 above)"),
+    allow_debug_extensions: bool = typer.Option(False, "--allow-debug-extensions", help="let requests force a profile or ignore_eos (load tests, GuideLLM fixed lengths)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CASRAP_API_KEY", help="require Authorization: Bearer KEY on every route but /health"),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import uvicorn
 
+    from casrap.runtime.protocol import Limits
     from casrap.runtime.server import create_app
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"[yellow]warning:[/] binding {host} without --api-key: anyone who can reach this port can use the model", highlight=False)
+    limits = Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue, request_timeout_s=request_timeout or None,
+                    max_body_bytes=max_body_bytes, allow_debug_extensions=allow_debug_extensions, api_key=api_key or None)
     lm = _adaptive(bundle, model, device)
-    app = create_app(lm, model_id=model_id)
+    app = create_app(lm, model_id=model_id, limits=limits)
     console.print(f"serving {model_id or lm.model_name} with profiles {', '.join(lm.profiles)} on http://{host}:{port}/v1", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
@@ -98,9 +109,22 @@ def loadtest(
     seed: int = typer.Option(0),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of targets met vs quality loss, one panel per load level"),
     reports: Path = typer.Option(Path("reports"), help="parent of the numbered run folder holding requests.jsonl"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="with --url: serving benchmark, Poisson arrivals at R requests/s"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="with --url: serving benchmark, at most C requests in flight"),
+    slo_ttft_ms: Optional[float] = typer.Option(None, "--slo-ttft-ms", help="serving benchmark goodput: TTFT SLO"),
+    slo_tpot_ms: Optional[float] = typer.Option(None, "--slo-tpot-ms", help="serving benchmark goodput: TPOT SLO"),
+    slo_e2el_ms: Optional[float] = typer.Option(None, "--slo-e2el-ms", help="serving benchmark goodput: end-to-end SLO"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CASRAP_API_KEY", help="with --url: Bearer key of the server"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Policy vs full model vs static profiles on held-out prompts under background load."""
+    """Policy vs full model vs static profiles on held-out prompts under background load.
+
+    With --url and --rate or --concurrency: a serving benchmark of that server instead
+    (vLLM benchmark_serving / GuideLLM metric names; no model is loaded here)."""
+    if url and (rate is not None or concurrency is not None):
+        _serving_bench(url, prompts, prompts_file, max_new_tokens, rate, concurrency, (slo_ttft_ms, slo_tpot_ms, slo_e2el_ms),
+                       api_key, seed, reports, as_json)
+        return
     from casrap.runtime.loadtest import LoadTestConfig, run_loadtest
     from casrap.telemetry.load import parse_load_levels
 
@@ -138,6 +162,50 @@ def loadtest(
         out.print(line, markup=False, highlight=False)
 
 
+def _serving_bench(url: str, prompts: int, prompts_file: Optional[Path], max_tokens: int, rate: Optional[float],
+                   concurrency: Optional[int], slo: tuple[Optional[float], ...], api_key: Optional[str], seed: int,
+                   reports: Path, as_json: bool) -> None:
+    """``loadtest --url --rate/--concurrency``: drive a server and report vLLM / GuideLLM metrics."""
+    from casrap.reports import new_run_dir
+    from casrap.runtime.serving_bench import ServingBenchConfig, load_prompt_file, run_serving_bench
+
+    if prompts_file:
+        texts = load_prompt_file(prompts_file)
+    else:
+        from casrap.data.prompts import load_prompts
+
+        texts = [p if isinstance(p, str) else str(getattr(p, "text", p)) for p in load_prompts(None, split="test")]
+    texts = [texts[i % len(texts)] for i in range(prompts)] if texts else []
+    config = ServingBenchConfig(url=url, prompts=texts, max_tokens=max_tokens, rate=rate, concurrency=concurrency, api_key=api_key,
+                                slo_ttft_ms=slo[0], slo_tpot_ms=slo[1], slo_e2el_ms=slo[2], seed=seed)
+    with progress_bar() as bar:
+        task = bar.add_task("serving benchmark (requests)", total=len(texts))
+        result = run_serving_bench(config, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    run_dir = new_run_dir(reports, "serving")
+    data = result.to_dict()
+    (run_dir / "serving.json").write_text(__import__("json").dumps(data, indent=2))
+    if as_json:
+        emit_json(data)
+        return
+    v = result.vllm()
+    load = f"rate {rate}/s" if rate is not None else ""
+    load += (", " if load else "") + (f"concurrency {concurrency}" if concurrency is not None else "")
+    table = Table(title=f"serving benchmark of {url}: {v['completed']} ok / {v['failed']} failed, {load}, {v['duration']:.1f} s "
+                        f"({run_dir / 'serving.json'})")
+    for col in ("metric (vLLM name)", "mean", "median", "p90", "p99"):
+        table.add_column(col, justify="left" if col.startswith("metric") else "right")
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        table.add_row(f"{name} ms", *(f"{v[f'{s}_{name}_ms']:.1f}" for s in ("mean", "median", "p90", "p99")))
+    out.print(table)
+    line = f"request_throughput {v['request_throughput']:.2f} req/s · output_throughput {v['output_throughput']:.1f} tok/s"
+    if "request_goodput" in v:
+        line += f" · request_goodput {v['request_goodput']:.2f} req/s"
+    out.print(line, markup=False, highlight=False)
+    for timing in result.requests:
+        if not timing.success:
+            out.print(f"request {timing.index} failed ({timing.status}): {timing.error}", markup=False, highlight=False)
+
+
 # ----------------------------------------------------------------------- bundle
 def bundle(
     checkpoint: Path = typer.Option(Path("checkpoints/rl_policy.zip"), "--checkpoint", help="trained policy zip (its .state.json names the actions)"),
@@ -147,6 +215,8 @@ def bundle(
     profiles: Optional[list[str]] = typer.Option(None, "--profiles", "-p", help="actions in policy order (default: from the checkpoint's state file)"),
     budget_ratio: float = typer.Option(3.0, help="default latency target (x predicted unloaded full-model latency) when a request names none"),
     max_new_tokens: int = typer.Option(64, help="default new tokens per request"),
+    speeds_from: Optional[Path] = typer.Option(None, "--speeds-from", help="replay file whose header's measured unloaded "
+                                                                           "profile speeds the slowdown feature uses"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Package a trained policy with the exact plans of its actions for a model (a bundle)."""
@@ -164,7 +234,12 @@ def bundle(
     bank = build_profiles(lm, names, model)
     training, notes, bank = training_provenance(state, bank)
     reward = {k: state[k] for k in ("reward", "slo_lambda") if k in state}
-    defaults = RuntimeDefaults(budget_ratio=budget_ratio, max_new_tokens=max_new_tokens)
+    speeds: dict[str, float] = {}
+    if speeds_from is not None:
+        from casrap.envs.replay import load_replay
+
+        speeds = {k: float(v) for k, v in load_replay(speeds_from).header.get("profile_speed", {}).items() if k in names}
+    defaults = RuntimeDefaults(budget_ratio=budget_ratio, max_new_tokens=max_new_tokens, profile_speed=speeds)
     write_bundle(output, checkpoint, bank, model_spec=model, reward=reward, training=training, defaults=defaults,
                  calibration=default_calibration_path(lm.model))
     checked = load_bundle(output)

@@ -42,11 +42,14 @@ from casrap.decide.observation import observation_vector
 from casrap.profiles.catalogue import FULL
 from casrap.decide.defaults import RuntimeDefaults
 from casrap.decide.generation import GenerationOutput, generate_timed
+from casrap.decide.kv_generation import generate_timed_kv, kv_keep_of
 from casrap.decide.latency_model import UnloadedLatencyModel
 from casrap.decide.slowdown import SlowdownTracker
+from casrap.errors import InputError
 from casrap.telemetry.live import Telemetry, TelemetryReading
 from casrap.telemetry.threads import ThreadPolicy, apply_threads
 
+_KV_SAMPLING = {"do_sample", "temperature", "top_p"}  # what a compressed-cache generation honours
 ANALYSIS_CACHE_LIMIT = 4096  # prompts whose features are kept (a server sees unbounded prompts)
 
 
@@ -281,8 +284,17 @@ class Router:
         self.bank.activate(decision.profile)
         switch_s = self.clock() - start
         try:
-            output = generate_timed(self.bank.model, self.tokenizer, input_ids, max_new_tokens, clock=self.clock,
-                                    on_text=on_text, ignore_eos=ignore_eos, **sampling)
+            keep = kv_keep_of(self.bank.profile(decision.profile).plan)
+            if keep is not None and keep < 1.0:  # a kv-R action: compressed cache after the prompt, same timing fields
+                accepted = {k: v for k, v in sampling.items() if k in _KV_SAMPLING}
+                unsupported = sorted(k for k, v in sampling.items() if k not in _KV_SAMPLING and v not in (None, False, (), []))
+                if unsupported:
+                    raise InputError(f"profile {decision.profile} (compressed KV cache) does not support {', '.join(unsupported)}")
+                output = generate_timed_kv(self.bank.model, self.tokenizer, input_ids, max_new_tokens, keep, clock=self.clock,
+                                           on_text=on_text, ignore_eos=ignore_eos, **accepted)
+            else:
+                output = generate_timed(self.bank.model, self.tokenizer, input_ids, max_new_tokens, clock=self.clock,
+                                        on_text=on_text, ignore_eos=ignore_eos, **sampling)
         finally:
             self.bank.activate(FULL)
         if len(output.decode_steps_s) >= 3 and self._unloaded is not None:
