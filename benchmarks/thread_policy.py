@@ -10,7 +10,7 @@ bursty), the median decode step of a 16-token greedy generation (EOS ignored) of
 model and of one pruned profile with 1 thread, with 2 threads, and with the thread count
 casrap's rule picks from telemetry; configurations interleaved, ``--reps`` repetitions
 each, median reported. It also times ``torch.set_num_threads`` and the first forward after
-a change. Results are merged into ``benchmarks/results/thread-policy.json``.
+a change. Raw runs are merged into ``benchmarks/raw/thread-policy.json``.
 Nothing else may run a model on the machine meanwhile.
 """
 
@@ -36,7 +36,7 @@ from casrap.telemetry.live import LiveTelemetry
 from casrap.telemetry.load import LoadLevels
 from casrap.telemetry.threads import ThreadPolicy, apply_threads
 
-RESULTS = Path(__file__).parent / "results" / "thread-policy.json"
+RESULTS = Path(__file__).parent / "raw" / "thread-policy.json"  # raw runs; results/thread-policy.json is the rendered table
 
 
 def decode_ms(bank, tok, ids, profile: str, tokens: int) -> float:

@@ -225,7 +225,7 @@ def _bundle_logits(path: Path) -> tuple[dict[str, torch.Tensor], object]:
     return found, bank
 
 
-def test_a_bundle_builds_from_its_own_calibration_whatever_the_home_holds(bundle, tmp_path, monkeypatch):
+def test_a_bundle_builds_from_its_own_calibration_whatever_the_home_holds(bundle, importance, tmp_path, monkeypatch):
     path, expected = bundle
     monkeypatch.setenv("CASRAP_HOME", str(tmp_path / "empty-home"))
     cold, bank = _bundle_logits(path)
@@ -233,7 +233,7 @@ def test_a_bundle_builds_from_its_own_calibration_whatever_the_home_holds(bundle
     # a warm home holding another calibration with the same source label changes nothing
     monkeypatch.setenv("CASRAP_HOME", str(tmp_path / "warm-home"))
     lm = tiny_llama()
-    other = Importance(torch.rand(4, 8), torch.rand(4, 128), torch.rand(4), "calibrated:6", importance.model_key)
+    other = Importance(torch.rand(4, 8), torch.rand(4, 128), torch.rand(4), importance.source, importance.model_key)
     other.save(default_calibration_path(lm.model))
     warm, _ = _bundle_logits(path)
     for name, value in cold.items():

@@ -175,7 +175,7 @@ def test_bundled_replay_file_loads():
     table = load_replay("bundled")
     assert table.latency.shape[1] == len(table.profiles) >= 5
     assert {"train", "test"} <= set(table.splits.tolist())
-    # the recording at scale (issue 11): >= 200 prompts, >= 40 of them test, 3 load levels, provenance
+    # the recording at scale: >= 200 prompts, >= 40 of them test, 3 load levels, provenance
     prompts = {split: {k for k, s in zip(table.prompt_keys, table.splits) if s == split} for split in ("train", "test")}
     assert len(prompts["train"] | prompts["test"]) >= 200 and len(prompts["test"]) >= 40 and not prompts["train"] & prompts["test"]
     assert sorted(set(table.loads.tolist()), key=float) == ["0", "1", "2"]

@@ -145,3 +145,24 @@ def test_kv_specs_parse_combine_and_carry_the_keep_ratio():
     for bad in ("kv-0", "kv-150", "layers-10+kv0"):
         with pytest.raises(InputError):
             parse_spec(bad)
+
+
+def test_default_catalogue_offers_kv_actions_on_request():
+    from casrap.profiles.catalogue import KV_ACTIONS, default_catalogue
+
+    assert not set(KV_ACTIONS) & set(default_catalogue())
+    with_kv = default_catalogue(kv=True)
+    assert with_kv[: len(default_catalogue())] == default_catalogue() and set(KV_ACTIONS) <= set(with_kv)
+
+
+def test_kv_actions_build_in_a_bank(tiny):
+    """``kv-50`` runs the full model's modules; ``layers-50+kv50`` the layer cut's."""
+    from casrap.decide.kv_generation import kv_keep_of
+    from casrap.profiles.factory import build_bank
+    from casrap.pruners.importance import weight_norm_importance
+
+    bank = build_bank(tiny.model, ["none", "kv-50", "layers-50", "layers-50+kv50"], importance=weight_norm_importance(tiny.model))
+    assert kv_keep_of(bank.profile("kv-50").plan) == 0.5 and bank.memory_overhead_bytes("kv-50") == 0
+    combined = bank.profile("layers-50+kv50")
+    assert combined.plan.skip_layers == bank.profile("layers-50").plan.skip_layers
+    assert len(combined.layers) == len(bank.profile("layers-50").layers) < len(bank.profile("none").layers)

@@ -113,21 +113,21 @@ def test_run_loadtest_follows_the_sweep_with_each_level_loaded_and_gives_json(ti
         load.stop = lambda: (active.pop(), stop())  # type: ignore[method-assign]
         return load
 
-    config = LoadTestConfig(prompts=3, max_new_tokens=4, load_levels=["0", "2"], resamples=200)
+    config = LoadTestConfig(prompts=2, max_new_tokens=4, load_levels=["0", "2"], resamples=200)
     streamed: list = []
     result = run_loadtest(adaptive, config, on_request=streamed.append, runner=_fake_runner(log, active), background=make_load,
                           sleep=sleeps.append)
     runners = [POLICY, *TINY_PROFILES]
     expected = [("run", "none", "idle")]  # warm-up
-    for _, level, order in sweep_order(3, ["0", "2"], runners):
+    for _, level, order in sweep_order(2, ["0", "2"], runners):
         expected += [("start", level), *[("run", r, level) for r in order], ("stop", level)]
     assert log == expected
-    assert sleeps == [config.settle_s] * 3  # only loaded levels wait for the load to settle
-    assert streamed == result.requests and len(result.requests) == 3 * 2 * len(runners)
+    assert sleeps == [config.settle_s] * 2  # only loaded levels wait for the load to settle
+    assert streamed == result.requests and len(result.requests) == 2 * 2 * len(runners)
     assert list(result.levels) == ["0", "2"]
     for level in result.levels.values():
-        assert level.n == 3 and all(row.n == 3 for row in level.rows)
-        assert level.row("none").mean_kl == 0.0 and level.row(POLICY).profiles == {"layers-25": 3}
+        assert level.n == 2 and all(row.n == 2 for row in level.rows)
+        assert level.row("none").mean_kl == 0.0 and level.row(POLICY).profiles == {"layers-25": 2}
         assert {"best_static_here", "best_static_overall"} <= set(level.versus)
     policy = [r for r in result.requests if r["runner"] == POLICY]
     assert all(r["kl"] == next(s["kl"] for s in result.requests if s["runner"] == "layers-25" and s["prompt_id"] == r["prompt_id"])

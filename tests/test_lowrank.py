@@ -165,8 +165,10 @@ def test_ranks_search_repair_and_plans(tiny, basis):
 def test_ranks_search_cli_on_tiny(tmp_path):
     from tests.test_cli import run
 
+    (tmp_path / "task.txt").write_text("Invoices are due within thirty days of the delivery date.\n\n"
+                                       "A late invoice is charged two percent interest each month.\n")
     out = run(["search", "--model", "tiny-random-llama", "-e", "ranks", "--population", "4", "--generations", "1", "--tokens", "96",
-               "--sparsity", "0.25", "--plans-dir", "plans", "--json"], tmp_path)
+               "--sparsity", "0.25", "--plans-dir", "plans", "--calibration-text", "task.txt", "--ppl-tolerance", "3", "--json"], tmp_path)
     data = json.loads(out.stdout)
     methods = [r["method"] for r in data["ranks_table"]]
     assert methods == ["GA per-projection ranks", "min-error allocation (lowrank-P)", "uniform"]
@@ -175,6 +177,9 @@ def test_ranks_search_cli_on_tiny(tmp_path):
     assert len({r["test_n"] for r in data["ranks_table"]}) == 1 and data["ranks_table"][0]["test_n"] > 95
     plan = PruningPlan.load(tmp_path / "plans" / "ranks-ga-25.json")
     assert plan.ranks and plan.fingerprint
+    # the quality-budget plan: per-matrix ranks within 4x the full model's search perplexity, on the task text's basis
+    budget = PruningPlan.load(tmp_path / "plans" / "ranks-budget-300.json")
+    assert budget.ranks and budget.meta["budget"]["tolerance"] == 3 and "task text" in budget.meta["basis"]
     assert "Low-rank projections" in (tmp_path / "reports" / "search-1" / "report.md").read_text()
 
 
@@ -214,8 +219,9 @@ def test_task_calibration_text_gets_its_own_basis(tiny, casrap_home, monkeypatch
     fitted = lowrank.load_or_fit_basis(tiny.model, tiny.tokenizer)
     assert len(seen) == 4 and seen[-1].startswith("A second") and all(len(t.split()) <= 160 for t in seen)
     assert "task text" in fitted.source and lowrank.default_basis_path(fitted.model_key).is_file()
+    first = lowrank.default_basis_path("k")
     task.write_text("Other text entirely.")
-    assert lowrank.default_basis_path("k") not in (default, )  # a new text, a new key
+    assert lowrank.default_basis_path("k") not in (default, first)  # a new text, a new key
     monkeypatch.setenv(lowrank.CALIBRATION_ENV, str(tmp_path / "missing.txt"))
     with pytest.raises(CheckpointError, match="cannot read"):
         lowrank.default_basis_path("k")

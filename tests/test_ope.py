@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from casrap.agents.ope import (
-    LoggedDecisions, doubly_robust, epsilon_greedy_probabilities, epsilon_greedy_propensity, evaluate_offline,
+    LoggedDecisions, doubly_robust, epsilon_greedy_probabilities, epsilon_greedy_propensity,
     group_bootstrap, snips, softmax_probabilities, softmax_propensity,
 )
 from casrap.errors import InputError

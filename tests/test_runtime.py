@@ -189,7 +189,8 @@ def test_router_observation_is_the_envs(tiny):
     r = FakeTelemetry(3).read()
     f = PromptAnalyzer(tiny.model, tiny.tokenizer, max_tokens=64).analyze(PROMPT)
     share = decision.threads / adaptive.router.threads.available
-    expected = observation_vector(r, f.tokens, f.ppl, 1.0, slowdown=decision.slowdown, thread_share=share)
+    expected = observation_vector(r, decision.prompt_tokens, f.ppl, 1.0, slowdown=decision.slowdown, thread_share=share)
+    assert decision.prompt_tokens > f.tokens  # the token feature counts the templated prompt, the analysis reads the text
     assert policy.seen[-1].tolist() == pytest.approx(expected.tolist(), abs=1e-4)  # budget less the (tiny) queue wait
 
 

@@ -102,7 +102,7 @@ def test_nsga2_scores_each_layer_set_once_and_never_removes_every_layer():
     assert all(0 < len(genome) - sum(genome) for genome, _ in result.front)
 
 
-# ------------------------------------------------------------ seeded evolution (issue 16)
+# -------------------------------------------------------------------- seeded evolution
 def test_level_genomes_keep_sparsity_exact():
     from casrap.search import evo
 
@@ -128,7 +128,7 @@ def test_level_genomes_keep_sparsity_exact():
             assert sum(genome) == 3
 
 
-def test_evolution_starts_from_seeds_scores_once_and_stops_on_budget():
+def test_evolution_starts_from_seeds_and_scores_each_genome_once():
     from casrap.profiles.plan import PruningPlan
     from casrap.search import evo
 
@@ -148,9 +148,39 @@ def test_evolution_starts_from_seeds_scores_once_and_stops_on_budget():
     assert calls[0] == tuple(seeds["uniform"]) and len(calls) == len(set(calls)) == memo.evaluations
     assert result.best_fitness > score(PruningPlan(name="x", meta={"genome": seeds["uniform"]}))[0]
     assert [f for _, f in result.final] == sorted((f for _, f in result.final), reverse=True)
-    timed = evo.run_evolution("t", seeds, evo.Operators(levels.switch, levels.crossover),
-                              evo.BatchMemo(memo.to_plan, evo.make_toolbox(score)), ga.SearchConfig(population=8, generations=0), time_budget=0.05)
-    assert len(timed.history) >= 1  # a zero-generation cap with a budget runs until the budget is spent
+
+
+def test_a_time_budget_without_a_generation_cap_runs_until_the_budget_is_spent(monkeypatch):
+    """On a fake clock where every evaluation costs 10 ms: generations continue past the seeds while
+    budget is left, and the search stops within one generation of the budget, never far past it."""
+    import types
+
+    from casrap.profiles.plan import PruningPlan
+    from casrap.search import evo
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(evo, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    levels = evo.Levels(layers=8, target=0.25, step=0.05)
+    seeds = {"uniform": levels.quantize([0.25] * 8)}
+
+    def score(plan: PruningPlan):
+        clock["now"] += 0.01
+        return -float(sum(plan.meta["genome"][:4])), {}
+
+    def search(budget: float) -> tuple[evo.SearchResult, float]:
+        clock["now"] = 0.0
+        memo = evo.BatchMemo(lambda g: PruningPlan(name="x", meta={"genome": list(g)}), evo.make_toolbox(score))
+        result = evo.run_evolution("t", seeds, evo.Operators(levels.switch, levels.crossover), memo,
+                                   ga.SearchConfig(population=8, generations=0, seed=0), time_budget=budget)
+        return result, clock["now"]
+
+    short, short_s = search(0.5)
+    long, long_s = search(2.0)
+    per_generation = 8 * 0.01  # at most one child per population slot, 10 ms each
+    for result, spent, budget in ((short, short_s, 0.5), (long, long_s, 2.0)):
+        assert len(result.history) > 3, result.history  # generation 0 alone would mean the budget was ignored
+        assert budget - 2 * per_generation <= spent <= budget + per_generation, (spent, budget)
+    assert len(long.history) > 2 * len(short.history)
 
 
 def test_kl_fitness_is_zero_for_the_full_model_and_positive_when_pruned(tiny):
@@ -209,7 +239,7 @@ def test_ray_pool_of_two_workers_scores_like_the_local_scorer(tiny):
         ray.shutdown()
 
 
-# ------------------------------------------------------------------ shipped plans (issue 16)
+# ----------------------------------------------------------------------- shipped plans
 SHIPPED = ("ga-rates-20", "ga-rates-40", "ga-layers-20", "ga-layers-40")
 
 

@@ -2,56 +2,24 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-from runtime_helpers import TINY_PROFILES, BudgetPolicy, ConcurrencyProbe, tiny_bank
+from runtime_helpers import TINY_PROFILES, ConcurrencyProbe
+from server_helpers import MODEL, running, tiny_adaptive
 
-from casrap.runtime.adaptive import AdaptiveLM
-from casrap.decide.defaults import RuntimeDefaults
-from casrap.decide.latency_model import LatencyFit, UnloadedLatencyModel
-from casrap.decide.router import Router
+from casrap.runtime.protocol import Limits
 from casrap.runtime.server import PROFILE_HEADER, create_app
-from casrap.telemetry import FakeTelemetry
-
-MODEL = "tiny-random-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def server():
-    """A real uvicorn server in a thread, on a free port of 127.0.0.1; stopped in teardown."""
-    import uvicorn
-
-    from casrap.models.tiny import tiny_llama
-
-    lm = tiny_llama()
-    bank = tiny_bank(lm)
-    router = Router(bank, lm.tokenizer, BudgetPolicy(len(bank.names)), RuntimeDefaults(max_new_tokens=6), telemetry=FakeTelemetry(0),
-                    unloaded=UnloadedLatencyModel(LatencyFit(0.0, 0.0, 0.1, 0.0)))
-    adaptive = AdaptiveLM(router, lm.tokenizer, MODEL)
-    port = _free_port()
-    config = uvicorn.Config(create_app(adaptive), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", adaptive
-    srv.should_exit = True
-    thread.join(timeout=10)
+    """A real uvicorn server in a thread, on a free port of 127.0.0.1 (debug extensions on: loadtest forces profiles)."""
+    adaptive = tiny_adaptive()
+    with running(create_app(adaptive, limits=Limits(allow_debug_extensions=True))) as url:
+        yield url, adaptive
 
 
 @pytest.fixture()

@@ -81,6 +81,9 @@ def importance_for(lm: Any, weight_norm: bool = False) -> Any:
     path = default_calibration_path(lm.model)
     if path.is_file():
         return load_or_calibrate(lm.model, lm.tokenizer, path=path)[0]
+    shipped = shipped_calibration(lm.model)
+    if shipped is not None:
+        return shipped
     from casrap.data.calibration import calibration_texts
 
     texts = calibration_texts()
@@ -90,6 +93,20 @@ def importance_for(lm: Any, weight_norm: bool = False) -> Any:
         importance, _ = load_or_calibrate(lm.model, lm.tokenizer, path=path, texts=texts,
                                           progress=lambda i, n: bar.update(task, completed=i))
     return importance
+
+
+def shipped_calibration(model: Any) -> Any:
+    """The shipped bundle's calibration when it was made for these weights (the embedded
+    model): what a fresh install would otherwise spend minutes recomputing; else None."""
+    from casrap.errors import CasrapError
+    from casrap.profiles.bank import bank_fingerprint
+    from casrap.runtime.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(None)
+        return bundle.importance() if bundle.fingerprint == bank_fingerprint(model) else None
+    except CasrapError:
+        return None
 
 
 def announce_lowrank_fit(lm: Any, names: list[str]) -> None:

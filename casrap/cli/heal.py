@@ -28,7 +28,7 @@ def heal(
     select: Optional[str] = typer.Option(None, "--select", help="sweep and keep the best on the validation prose, e.g. 'lr=2e-3,5e-3;steps=75,150'"),
     task: Optional[str] = typer.Option(None, "--task", help="safety: tune on the safety task's train split and report test AUROC instead"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for the plan JSON and adapter (default checkpoints/heal/PROFILE+heal)"),
-    ship: bool = typer.Option(False, "--ship", help="maintainers: also copy the healed plan and adapter into casrap/data/plans/<model>/"),
+    ship: bool = typer.Option(False, "--ship", help="maintainers: also copy the healed plan and adapter into casrap/data/plans/<model>/ (only if better on validation prose than the one shipped)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Heal a pruned profile by distillation from the full model (resumable; writes a plan that references the adapter)."""
@@ -75,10 +75,13 @@ def heal(
             data = tune_for_task(lm, bank, name, cfg, output, progress=on_progress).to_dict()
         else:
             from casrap.heal.evaluate import heal_selected
+            from casrap.heal.runner import healed_plan
 
-            data = heal_selected(lm, bank, name, cfg, output, select=grid, progress=on_progress)
+            data = heal_selected(lm, bank, name, cfg, output, healed_plan, select=grid, progress=on_progress)
             data["wall_s"] = time.perf_counter() - began
-    if ship:
+    if ship and data.get("better_than_shipped") is False:
+        data["shipped"] = None  # the adapter already shipped is better on validation prose: keep it
+    elif ship:
         from casrap.heal.runner import ship as ship_plan
 
         data["shipped"] = str(ship_plan(Path(data["plan"]), Path(model).name))
@@ -103,6 +106,10 @@ def heal(
     gaps = data["gap_recovered"]
     out.print(f"log-perplexity gap recovered: validation {100 * gaps['validation']:.1f}%, test {100 * gaps['test']:.1f}%; "
               f"memory of the healed profile beyond the base: {data['memory_overhead_mb']:.1f} MB")
+    if data.get("shipped_validation_ppl") is not None:
+        verdict = "better" if data["better_than_shipped"] else "not better"
+        out.print(f"the shipped {name}{HEAL_SUFFIX}: validation ppl {data['shipped_validation_ppl']:.2f}; this adapter is {verdict}"
+                  + ("" if not ship else ("; shipped" if data.get("shipped") else "; not shipped")))
     out.print(f"wall time {data['wall_s']:.0f} s; wrote {data['plan']}: use it with -p {data['plan']}")
 
 

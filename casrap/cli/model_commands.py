@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -138,7 +139,7 @@ def calibrate(
     _measure_latency(lm)
 
 
-def _measure_latency(lm: object) -> None:
+def _measure_latency(lm: Any) -> None:
     """The unloaded latency model latency targets are normalised by (per model, device, dtype,
     thread policy and machine), measured now and cached unless the machine was busy."""
     from casrap.decide.latency_model import LOAD_LIMIT_PCT
@@ -151,7 +152,8 @@ def _measure_latency(lm: object) -> None:
               f"context token); held-out median error {100 * held.get('median_rel_error', float('nan')):.1f}% "
               f"(other processes used {latency.other_cpu_util:.0f}% CPU meanwhile)")
     if latency.other_cpu_util > LOAD_LIMIT_PCT:
-        out.print(f"[yellow]not cached:[/] other processes used more than {LOAD_LIMIT_PCT:.0f}% CPU; run casrap calibrate --latency on a quiet machine")
+        out.print(f"[yellow]measured under load:[/] other processes used more than {LOAD_LIMIT_PCT:.0f}% CPU, so this fit is measured "
+                  "again on next use; run casrap calibrate --latency on a quiet machine")
 
 
 def bench(

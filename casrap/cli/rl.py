@@ -149,12 +149,12 @@ def train(
     from casrap.reports import build_report
     from casrap.telemetry.load import BackgroundLoad
 
-    reward_cfg = _reward(reward, slo_lambda)
     if tensorboard is not None:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
             raise InputError("--tensorboard needs the tensorboard package: pip install 'casrap[tb]'")
+    reward_cfg = _reward(reward, slo_lambda)
     if resume:
         saved = read_state(checkpoint)
         profiles = profiles or saved.get("profiles")

@@ -202,15 +202,14 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters could still start a stop string (or finish a split character)."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
+    stable = text.rstrip("\ufffd")  # a split multi-byte character decodes as U+FFFD until it is complete
     longest = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
+        for k in range(min(len(stop) - 1, len(stable)), longest, -1):
+            if stable.endswith(stop[:k]):
                 longest = k
                 break
-    return longest
+    return len(text) - len(stable) + longest
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:

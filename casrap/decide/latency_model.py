@@ -324,6 +324,13 @@ def latency_cache_path(model_key: str, home: Path | None = None, context: dict[s
     return (home or casrap_home()) / "latency" / f"{model_key}-{context_key(context or default_context())}.json"
 
 
+def _usable(path: Path, key: str, context: dict[str, str]) -> bool:
+    try:
+        return path.is_file() and UnloadedLatencyModel.load(path).mismatch(key, context) is None
+    except CheckpointError:
+        return False
+
+
 def load_or_fit_latency_model(
     bank_or_model: Any,
     tokenizer: Any,
@@ -342,7 +349,8 @@ def load_or_fit_latency_model(
     leave-one-length-out. A cached fit is used only when it matches the weights, device,
     dtype, thread policy and machine of this run and was measured on a quiet machine;
     ``refit`` measures again regardless (``casrap calibrate --latency``). A fit measured
-    under load above :data:`LOAD_LIMIT_PCT` is returned but not cached.
+    under load above :data:`LOAD_LIMIT_PCT` is returned and cached as such (never over a
+    usable quiet fit), and is measured again on next use.
     """
     from casrap.profiles.bank import bank_fingerprint
 
@@ -374,9 +382,9 @@ def load_or_fit_latency_model(
         context["dtype"], context["threads"],
     )
     if other > LOAD_LIMIT_PCT:
-        log.warning("latency model measured while other processes used %.0f%% CPU (limit %.0f%%): not an unloaded fit, "
-                    "not cached; it is measured again next time", other, LOAD_LIMIT_PCT)
-    elif cache:
+        log.warning("latency model measured while other processes used %.0f%% CPU (limit %.0f%%): not an unloaded fit; "
+                    "it is measured again on next use", other, LOAD_LIMIT_PCT)
+    if cache and not (other > LOAD_LIMIT_PCT and _usable(path, key, context)):  # never replace a quiet fit by a busy one
         result.save(path)
     log.info("latency model: TTFT %.1f ms + %.3f ms/prompt token, decode %.1f ms/token; held-out median error %.1f%%",
              1e3 * result.fit.ttft_a, 1e3 * result.fit.ttft_b, 1e3 * result.fit.decode_c,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -243,7 +243,9 @@ class Router:
         t2 = clock()
         estimate = self.estimate_unloaded(prompt_tokens, max_new_tokens)
         ratio = self.budget_ratio(target_s, estimate, queue_length, waited_s)
-        obs = build_observation(execution.reading, features, ratio, execution.slowdown, execution.thread_share)
+        # the token feature counts the whole templated prompt the model will read (its own text gives the perplexity)
+        obs = build_observation(execution.reading, replace(features, tokens=prompt_tokens), ratio, execution.slowdown,
+                                execution.thread_share)
         rule = self.full_model_rule(target_s, ratio, execution)
         if rule:
             action = self.actions.index(FULL)

@@ -206,7 +206,9 @@ class PruningEnv(gym.Env):
     def _observe(self) -> np.ndarray:
         assert self._reading is not None and self._features is not None
         ex = self._execution
-        return build_observation(self._reading, self._features, self._budget_ratio,
+        assert self._prompt is not None
+        tokens = int(self._encode(self._prompt).shape[1])  # the templated prompt, as the Router counts it
+        return build_observation(self._reading, replace(self._features, tokens=tokens), self._budget_ratio,
                                  ex.slowdown if ex else 1.0, ex.thread_share if ex else 1.0)
 
     def _next_prompt(self, prompt: Prompt | None = None) -> None:

@@ -300,6 +300,7 @@ def recording_header(model: str, bank: Any, profiles: list[str], config: RecordC
     splits = [quality[k]["split"] for k in timed_keys if k in quality]
     return {
         "model": model, "fingerprint": bank.fingerprint, "profiles": profiles, "max_new_tokens": config.max_new_tokens,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "descriptions": {n: bank.profile(n).plan.description for n in profiles},
         "machine": {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
                     "device": str(next(bank.model.parameters()).device)},

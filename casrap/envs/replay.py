@@ -136,7 +136,8 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
     base_obs, lat, ppl, kl, blat, bppl, splits, cats, pkeys, pfull, measured = [], [], [], [], [], [], [], [], [], [], []
     for key in keys:
         first = complete[key]["first"]
-        base_obs.append(observation_vector(first["telemetry"], first["prompt_tokens"], first["prompt_ppl"], 0.0,
+        tokens = first.get("input_tokens", first["prompt_tokens"])  # the templated prompt, as the Router counts it
+        base_obs.append(observation_vector(first["telemetry"], tokens, first["prompt_ppl"], 0.0,
                                            slowdown=float(first.get("slowdown", 1.0)),
                                            thread_share=float(first.get("thread_share", 1.0))))
         rows = [complete[key]["by_profile"][p] for p in profiles]

@@ -13,7 +13,7 @@
   breaks the model scores x700), and one such outlier would dominate the squared-ish
   Q-regression and hide every difference between the usable profiles. On the bundled
   replay data this choice decides whether a budget-aware policy can beat the best
-  static action at all (see README, "RL results").
+  static action at all (see the documentation's Results, "Reinforcement learning").
 """
 
 from __future__ import annotations

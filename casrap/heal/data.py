@@ -43,17 +43,27 @@ def training_prompts() -> list[str]:
 @torch.inference_mode()
 def sample_answers(
     model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 128, batch: int = 16, seed: int = 0,
-    progress: Callable[[int, int], None] | None = None, chat: bool = True,
+    progress: Callable[[int, int], None] | None = None, chat: bool = True, partial: Path | None = None,
 ) -> list[str]:
     """The model's own samples at temperature 1: answers (chat template, where it has one)
-    or, with ``chat=False``, plain-text continuations returned with their prefix."""
+    or, with ``chat=False``, plain-text continuations returned with their prefix.
+
+    Each batch is seeded on its own (``seed`` + its start), so with ``partial`` (a JSON file
+    rewritten after every batch) an interrupted run resumes where it stopped and gives the
+    same samples as an uninterrupted one.
+    """
     generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = []
+    if partial is not None and partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved.get("prompts") == prompts[:len(saved.get("prompts", []))] and saved.get("batch") == batch:
+            answers = list(saved["answers"])
+            log.info("resuming sampling after %d of %d", len(answers), len(prompts))
     try:
-        for start in range(0, len(prompts), batch):
+        for start in range(len(answers) - len(answers) % batch, len(prompts), batch):
+            torch.manual_seed(seed * 1_000_003 + start)
             chunk = prompts[start:start + batch]
             if chat and getattr(tokenizer, "chat_template", None):
                 texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in chunk]
@@ -65,6 +75,9 @@ def sample_answers(
             for prefix, row in zip(chunk, out[:, enc.input_ids.shape[1]:]):
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 answers.append(text if chat else f"{prefix} {text}")
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"prompts": prompts[:len(answers)], "batch": batch, "answers": answers}))
             if progress:
                 progress(min(start + batch, len(prompts)), len(prompts))
     finally:
@@ -89,9 +102,11 @@ def healing_texts(
     if samples > 0 and not path.is_file():
         prompts = training_prompts()
         picked = [prompts[(i * 7919) % len(prompts)] for i in range(samples)] if len(prompts) < samples else prompts[:: max(1, len(prompts) // samples)][:samples]
-        answers = sample_answers(model, tokenizer, picked, new_tokens=new_tokens, seed=seed, progress=progress)
+        partial = path.with_suffix(".partial")
+        answers = sample_answers(model, tokenizer, picked, new_tokens=new_tokens, seed=seed, progress=progress, partial=partial)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"answers": answers, "prompts": "train split", "new_tokens": new_tokens, "seed": seed}))
+        partial.unlink(missing_ok=True)
         log.info("cached %d healing samples at %s", len(answers), path)
     answers = json.loads(path.read_text())["answers"] if samples > 0 else []
     if not continuations:
@@ -99,9 +114,11 @@ def healing_texts(
     cont_path = casrap_home() / "heal" / f"{model_key}-continuations{CONTINUATIONS_VERSION}-n{continuations}-t{new_tokens}-s{seed + 1}.json"
     if not cont_path.is_file():
         prefixes = continuation_prefixes(texts, continuations)
-        more = sample_answers(model, tokenizer, prefixes, new_tokens=new_tokens, seed=seed + 1, progress=progress, chat=False)
+        partial = cont_path.with_suffix(".partial")
+        more = sample_answers(model, tokenizer, prefixes, new_tokens=new_tokens, seed=seed + 1, progress=progress, chat=False, partial=partial)
         cont_path.parent.mkdir(parents=True, exist_ok=True)
         cont_path.write_text(json.dumps({"answers": more, "prompts": "calibration sentence openings", "new_tokens": new_tokens, "seed": seed + 1}))
+        partial.unlink(missing_ok=True)
         log.info("cached %d healing continuations at %s", len(more), cont_path)
     return texts + answers + json.loads(cont_path.read_text())["answers"]
 

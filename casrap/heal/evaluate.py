@@ -106,8 +106,27 @@ def parse_select(text: str | None) -> dict[str, list[float]]:
     return grid
 
 
+def _shipped_healed(bank: Any, healed_name: str) -> str | None:
+    """Add the shipped plan ``healed_name`` for this model to the bank (as ``shipped:NAME``);
+    None when none ships (or it cannot be built here)."""
+    from casrap.errors import CasrapError
+    from casrap.profiles.shipped import is_shipped, load_shipped
+
+    if not is_shipped(healed_name):
+        return None
+    try:
+        plan = load_shipped(healed_name, bank.fingerprint)
+    except CasrapError:
+        return None
+    plan.name = f"shipped:{healed_name}"
+    if plan.name in bank.names:
+        bank.remove(plan.name)
+    bank.add(plan)
+    return plan.name
+
+
 def heal_selected(
-    lm: Any, bank: Any, name: str, cfg: Any, output: Any, select: dict[str, list[float]] | None = None,
+    lm: Any, bank: Any, name: str, cfg: Any, output: Any, healed_plan: Any, select: dict[str, list[float]] | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Heal ``name`` once per (lr, steps) of ``select``, keep the best on the *validation*
@@ -116,7 +135,9 @@ def heal_selected(
     Why: the learning rate and step count that minimise the healing loss overfit the
     healing text; validation prose (never trained on, never reported) picks them, and the
     test prose is read once, for the winner only. The teacher's top-k targets are
-    computed once (cached on disk) and shared by every candidate.
+    computed once (cached on disk) and shared by every candidate. ``healed_plan(plan,
+    adapter_dir, cfg, result)`` makes the ``NAME+heal`` plan
+    (:func:`casrap.heal.runner.healed_plan`; passed in because the runner imports this module).
     """
     import shutil
     import time
@@ -125,7 +146,6 @@ def heal_selected(
 
     from casrap.errors import InputError
     from casrap.heal.data import healing_texts, teacher_targets, token_blocks
-    from casrap.heal.runner import HEAL_SUFFIX, healed_plan
     from casrap.heal.train import heal_profile, targets_for_plan
     from casrap.pruners.sparse24 import sparse24_layers
 
@@ -163,15 +183,20 @@ def heal_selected(
             result = heal_profile(bank, name, blocks, c_out, c_cfg, teacher_targets=teacher,
                                   progress=(lambda s, n, loss, label=label: progress(f"healing {label}", s, n, loss)) if progress else None)
             healed = healed_plan(plan, str(result.adapter_dir.resolve()), c_cfg, result)
+            healed_name = healed.name
             if sweep:
-                healed.name = f"{plan.name}{HEAL_SUFFIX}@lr{lr:g}-s{steps}"
+                healed.name = f"{healed_name}@lr{lr:g}-s{steps}"
             candidates.append(Candidate(lr, steps, healed.name, healed, result))
     for c in candidates:
         if c.name in bank.names:
             bank.remove(c.name)
         bank.add(c.plan)
+    shipped = _shipped_healed(bank, healed_name)  # the adapter a new one must beat to replace it
     val_ids, val_corpus = split_ids(lm.tokenizer, "validation")
-    val = profile_quality(bank, ["none", name, *[c.name for c in candidates]], val_ids, val_corpus)
+    val = profile_quality(bank, ["none", name, *[c.name for c in candidates], *([shipped] if shipped else [])], val_ids, val_corpus)
+    shipped_val = val.pop() if shipped else None
+    if shipped:
+        bank.remove(shipped)
     for c, q in zip(candidates, val[2:]):
         c.validation_ppl, c.validation_gap = q.ppl, gap_recovered(val[0].ppl, val[1].ppl, q.ppl)
     best = min(candidates, key=lambda c: c.validation_ppl)
@@ -187,6 +212,8 @@ def heal_selected(
         if final.name in bank.names:
             bank.remove(final.name)
         bank.add(final)
+    final.meta["heal"]["data"] = (f"calibration text + {cfg.samples} full-model answers to train-split prompts + "
+                                  f"{cfg.continuations} full-model continuations of calibration sentences")
     final.meta["heal"]["selected_on"] = val_corpus
     final.meta["heal"]["candidates"] = [{"lr": c.lr, "steps": c.steps, "validation_ppl": round(c.validation_ppl, 3)} for c in candidates]
     plan_path = final.save(output / f"{final.name}.json")
@@ -208,6 +235,8 @@ def heal_selected(
             "test": {q.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus} for q in test},
         },
         "gap_recovered": {"validation": best.validation_gap, "test": gap_recovered(test[0].ppl, test[1].ppl, test[2].ppl)},
+        "shipped_validation_ppl": shipped_val.ppl if shipped_val else None,
+        "better_than_shipped": (best.validation_ppl < shipped_val.ppl) if shipped_val else None,
         "memory_overhead_mb": bank.memory_overhead_bytes(final.name) / 2**20,
         "wall_s": time.perf_counter() - began,
     }

@@ -11,7 +11,6 @@ in every command, and the bank applies the adapter to the profile's modules
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,13 @@ class HealReport:
 
 
 def healed_plan(plan: PruningPlan, adapter_reference: str, cfg: HealConfig, result: HealResult) -> PruningPlan:
-    """The pruned plan renamed ``NAME+heal``, pointing at its adapter."""
+    """The pruned plan renamed ``NAME+heal``, pointing at its adapter and pinning its SHA-256.
+
+    :meth:`PruningPlan.save` writes an adapter path inside the plan's folder relative to
+    the plan, so ``output/`` (plan + ``adapter/``) can be moved as a whole.
+    """
+    from casrap.profiles.adapter import ADAPTER_WEIGHTS, DIGEST_KEY, adapter_digest
+
     data = plan.to_dict()
     healed = PruningPlan.from_dict(data)
     healed.name = plan.name + HEAL_SUFFIX
@@ -56,6 +61,9 @@ def healed_plan(plan: PruningPlan, adapter_reference: str, cfg: HealConfig, resu
                             "tokens_seen": result.tokens_seen, "loss_first": result.losses[0] if result.losses else None,
                             "loss_last": result.losses[-1] if result.losses else None,
                             "data": "calibration text + full-model samples on train-split prompts"}}
+    folder = Path(adapter_reference)
+    if folder.is_absolute() and (folder / ADAPTER_WEIGHTS).is_file():
+        healed.meta[DIGEST_KEY] = adapter_digest(folder)
     return healed
 
 
@@ -94,13 +102,8 @@ def heal(
     output = Path(output)
     result = heal_profile(bank, name, blocks, output, cfg,
                           progress=(lambda s, n, loss: progress("healing", s, n, loss)) if progress else None)
-    from casrap.profiles.adapter import DIGEST_KEY, adapter_digest
-
-    # relative to the plan file (both live in ``output``), so the folder can move
-    reference = os.path.relpath(result.adapter_dir.resolve(), output.resolve())
-    healed = healed_plan(plan, reference, cfg, result)
-    healed.meta[DIGEST_KEY] = adapter_digest(result.adapter_dir)
-    plan_path = healed.save(output / f"{healed.name}.json")
+    healed = healed_plan(plan, str(result.adapter_dir.resolve()), cfg, result)
+    plan_path = healed.save(output / f"{healed.name}.json")  # saved relative to the plan: the folder can move
     report = HealReport(plan_path, result.adapter_dir, result)
     if evaluate:
         from casrap.heal.evaluate import gap_recovered, profile_quality, test_ids

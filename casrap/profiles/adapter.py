@@ -43,6 +43,7 @@ from torch import nn
 
 from casrap.errors import CheckpointError
 from casrap.pruners.modules import shell
+from casrap.pruners.reorder import add_state_dict_hook
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class LoraLinear(nn.Module):
         if tuple(self.lora_b.shape[:1]) + tuple(self.lora_a.shape[1:]) != (self.out_features, self.in_features):
             raise CheckpointError(f"healing adapter does not fit: B @ A is {tuple(self.lora_b.shape[:1]) + tuple(self.lora_a.shape[1:])}, "
                                   f"the projection {(self.out_features, self.in_features)}")
-        self.register_state_dict_post_hook(_plain_lora_state)
+        add_state_dict_hook(self, _plain_lora_state)
 
     @property
     def bias(self) -> torch.Tensor | None:  # type: ignore[override]

@@ -182,12 +182,13 @@ def build_plan(
     return plan
 
 
-def default_catalogue(model: Any = None) -> list[str]:
+def default_catalogue(model: Any = None, kv: bool = False) -> list[str]:
     """The env's default action catalogue: CASRAP v2.2 plus every shipped plan for ``model``.
 
     ``model``: a fingerprint (``llama-30L-...``), a model spec (``smollm2-135m``), or a
-    loaded model; ``None`` gives CASRAP v2.2 alone.
+    loaded model; ``None`` gives CASRAP v2.2 alone. ``kv`` adds the KV-compression
+    actions (:data:`KV_ACTIONS`); they only differ from the full model where generation
+    dispatches on ``plan.meta["kv_keep"]`` (:func:`casrap.decide.kv_generation.kv_keep_of`).
     """
-    if model is None:
-        return list(CASRAP_V22)
-    return [*CASRAP_V22, *(n for n in shipped_names(model) if n not in CASRAP_V22)]
+    names = list(CASRAP_V22) if model is None else [*CASRAP_V22, *(n for n in shipped_names(model) if n not in CASRAP_V22)]
+    return names + [n for n in KV_ACTIONS if n not in names] if kv else names

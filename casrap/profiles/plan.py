@@ -132,9 +132,18 @@ class PruningPlan:
             raise CheckpointError(f"{where}: skips every layer")
 
     def save(self, path: Path) -> Path:
+        """Write the JSON; an absolute adapter path inside the plan's folder is written
+        relative to the plan, so the folder can be moved (it resolves beside the plan)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        data = self.to_dict()
+        adapter = str(self.meta.get("adapter") or "")
+        if adapter and Path(adapter).is_absolute():
+            try:
+                data["meta"]["adapter"] = Path(adapter).resolve().relative_to(path.parent.resolve()).as_posix()
+            except ValueError:  # elsewhere: kept absolute
+                pass
+        path.write_text(json.dumps(data, indent=1))
         self.source = path
         return path
 

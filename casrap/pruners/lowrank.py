@@ -31,6 +31,15 @@ allocation leave out each text's first token: its attention-sink outputs are ord
 magnitude larger, made one direction of some matrices look like all their energy, and
 the allocation gave those matrices rank 1-2 (lowrank-10 validation ppl 70.5 with them,
 53.5 without; full model 28.8).
+
+Why low-rank is opt-in (not in the default action catalogue): on the bundled prose no
+low-rank plan measured so far is on the Pareto front of decode speed against test
+perplexity (lowrank-25: 1.14x at 6.9x the full model's perplexity, where ffn-25 gives
+1.11-1.14x at 1.9x; ``benchmarks/results/lowrank-speed.json``). LLM-Sieve fits its
+projections to the task the model will serve; a general-prose basis is the wrong use of
+it. Fit on your task text (``casrap search -e ranks --calibration-text FILE``, which also
+bisects for the largest cut within a perplexity budget, ``ranks-budget-T``) and measure
+before offering a low-rank plan as an action.
 """
 
 from __future__ import annotations

@@ -164,6 +164,13 @@ def _plain_copy(module: nn.Module) -> nn.Linear:
     return out
 
 
+def add_state_dict_hook(module: nn.Module, hook: Any) -> None:
+    """Run ``hook(module, state_dict, prefix, local_metadata)`` after ``module`` writes its state
+    dict: ``register_state_dict_post_hook`` from torch 2.5, the older private name before."""
+    register = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    register(hook)
+
+
 def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """State dicts name a grouped view's weight ``weight`` (2-D, as a Linear's), so that
     exporting a profile loads into a plain checkpoint."""
@@ -188,7 +195,7 @@ class GroupedRowsLinear(nn.Module):
             self.bias = nn.Parameter(base.bias.detach().view(-1, group_rows)[:groups, :kept_rows].reshape(-1).contiguous(), requires_grad=False)
         self.in_features = base.in_features
         self.out_features = groups * kept_rows
-        self.register_state_dict_post_hook(_plain_state)
+        add_state_dict_hook(self, _plain_state)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -217,7 +224,7 @@ class GroupedColsLinear(nn.Module):
         self.bias = base.bias
         self.in_features = groups * kept_cols
         self.out_features = base.out_features
-        self.register_state_dict_post_hook(_plain_state)
+        add_state_dict_hook(self, _plain_state)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -362,11 +362,16 @@ class AdaptiveLM:
                 decision = self.router.fixed_decision(profile, ids, n, behind, waited)
             if on_decision is not None:
                 on_decision(decision)
-            if cancel is not None:
-                sampling["cancel"] = cancel
-            if on_step is not None:
-                sampling["on_step"] = on_step
-            routed = self.router.run(decision, ids, n, ignore_eos=ignore_eos, **sampling)
+            on_text = None
+            if self._compressed_kv(decision.profile):
+                # the compressed-cache path streams text only and cannot be cancelled mid-generation
+                on_text = (lambda text: on_step(StreamPiece(text, 0))) if on_step is not None else None
+            else:
+                if cancel is not None:
+                    sampling["cancel"] = cancel
+                if on_step is not None:
+                    sampling["on_step"] = on_step
+            routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
             latency = self.clock() - start
         finally:
             self._gate.release(tag)
@@ -383,6 +388,15 @@ class AdaptiveLM:
             cancel_to_stop_s=getattr(o, "cancel_to_stop_s", None),
         )
         return Generation(o.text, record, o.token_ids, getattr(o, "logprobs", None), getattr(o, "stop", None))
+
+    def _compressed_kv(self, profile: str) -> bool:
+        """Whether ``profile`` generates through the compressed-KV path (``kv-R`` actions)."""
+        from casrap.decide.kv_generation import kv_keep_of
+
+        try:
+            return kv_keep_of(self.router.bank.profile(profile).plan) is not None
+        except (AttributeError, KeyError, InputError):
+            return False
 
     def _check_profile(self, profile: str | None) -> None:
         if profile is not None and profile not in self.router.actions:
@@ -429,19 +443,21 @@ class AdaptiveLM:
         raw: bool = False,
         cancel: Cancellation | None = None,
         notify: Callable[[], None] | None = None,
+        pieces: bool = True,
         **sampling: Any,
     ) -> GenerationStream:
         """Like ``generate(stream=True)``, but tokenising and templating happen in the worker
         thread too (a server's event loop never does that work); bad input surfaces from
         :meth:`GenerationStream.wait_decision` or the stream's ``error``. ``notify`` is
-        called from the worker whenever the stream has news."""
+        called from the worker whenever the stream has news. ``pieces=False`` skips the
+        per-token text (a plain answer needs only the result)."""
         n = self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
 
         def run(on_step: Callable[[StreamPiece], None], on_decision: Callable[[Decision], None]) -> Generation:
             self._check_profile(profile)
             ids = self.encode_raw(prompt, n) if raw and isinstance(prompt, str) else self.encode(prompt, n)
-            return self._generate_ids(self.prompt_text(prompt), ids, n, latency_target_s, on_step, ignore_eos, profile,
-                                      on_decision, token, **sampling)
+            return self._generate_ids(self.prompt_text(prompt), ids, n, latency_target_s, on_step if pieces else None,
+                                      ignore_eos, profile, on_decision, token, **sampling)
 
         token = cancel if cancel is not None else Cancellation()
         return GenerationStream(run, token, notify)

@@ -247,6 +247,7 @@ def write_bundle(
         old.unlink()
     files = []
     for index, name in enumerate(bank.names):
+        bank.profile(name).plan.fingerprint = bank.fingerprint  # the bank's plans are for this model
         plan = _bundled_plan(bank.profile(name).plan, bank.fingerprint, out_dir / "plans", f"{index:02d}")
         files.append(str(plan.save(out_dir / "plans" / f"{index:02d}.json").relative_to(out_dir)))
     kept = {f"{i:02d}.adapter" for i, n in enumerate(bank.names) if bank.profile(n).plan.meta.get("adapter")}
@@ -298,7 +299,7 @@ def write_bundle(
 def _bundled_plan(plan: PruningPlan, fingerprint: str, plans_dir: Path, stem: str) -> PruningPlan:
     """A copy of ``plan`` for the bundle: its fingerprint set and, for a healed plan, its
     adapter copied to ``plans_dir/STEM.adapter`` and named relative to the plan, with the
-    adapter's SHA-256 pinned (the bank's own plan is left untouched)."""
+    adapter's SHA-256 pinned (the bank's own plan keeps its adapter reference)."""
     from casrap.profiles.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DIGEST_KEY, adapter_digest, plan_adapter_path
 
     copy = PruningPlan.from_dict(plan.to_dict())

@@ -411,9 +411,10 @@ def level_result(requests: list[dict[str, Any]], runners: list[str], level: str,
     where = "all levels" if level == "all" else f"load {level}"
     notes = [f"{where}: policy met {policy.targets_met}/{policy.n} targets at mean KL {policy.mean_kl:.3f}"
              + (f"; full model {rows[runners.index(FULL)].targets_met}/{policy.n} at KL 0" if FULL in runners else "") + "."]
-    for key, label in (("best_static_here", "best static here"), ("best_static_overall", "best static overall")):
+    same = best == overall_best
+    for key, label in (("best_static_here", "best static here" + (" and overall" if same else "")), ("best_static_overall", "best static overall")):
         d = versus.get(key)
-        if d and d["n_pairs"]:
+        if d and d["n_pairs"] and not (same and key == "best_static_overall"):
             row = next(r for r in rows if r.name == d["against"])
             notes.append(f"{where}: vs {label} {d['against']} ({row.targets_met}/{row.n}, KL {row.mean_kl:.3f}): policy minus it, "
                          f"targets met {_ci(d['targets_met_diff'], d['targets_met_diff_ci95'])}, "

@@ -17,7 +17,7 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 
 class ServerMetrics:
-    """Requests, decisions per profile, latency histograms, targets met, queue."""
+    """Requests, decisions per profile, latency histograms, targets met, queue, refusals and cancellations."""
 
     def __init__(self, queue_length: Callable[[], float] | None = None, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -34,7 +34,10 @@ class ServerMetrics:
         self.queue_wait = Histogram("casrap_queue_wait_seconds", "Time waiting for the bank", buckets=LATENCY_BUCKETS, registry=r)
         self.targets = Counter("casrap_targets", "Requests with a latency target, by whether it was met", ["met"], registry=r)
         self.tokens = Counter("casrap_generated_tokens", "Completion tokens generated", registry=r)
-        self.queue = Gauge("casrap_queue_length", "Requests waiting for the bank", registry=r)
+        self.queue = Gauge("casrap_queue_length", "Requests admitted and waiting for the bank", registry=r)
+        self.rejected = Counter("casrap_rejected", "Requests refused before queueing, by reason (queue_full)", ["reason"], registry=r)
+        self.cancelled = Counter("casrap_cancelled", "Requests stopped early, by stage (queued, running) and reason (cancelled: "
+                                 "client gone; timeout: request timeout)", ["stage", "reason"], registry=r)
         if queue_length is not None:
             self.queue.set_function(queue_length)
 

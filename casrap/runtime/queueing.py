@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-POLL_S = 0.05  # a cancelled waiter is woken by its callback; this only bounds a missed deadline
+POLL_S = 0.05  # for cancel flags without callbacks; a Cancellation wakes its waiter itself
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,20 @@ class FifoGate:
         with self._cond:
             self._cond.notify_all()
 
+    @staticmethod
+    def _timeout(cancel: Any) -> float | None:
+        """How long a waiter may sleep: until woken (cancel callbacks wake it), or until its deadline.
+
+        Waiters do not poll without need: thirty parked threads waking every few
+        milliseconds would take the GIL from the generating one.
+        """
+        if cancel is None:
+            return None
+        if not hasattr(cancel, "on_cancel"):
+            return POLL_S
+        deadline = getattr(cancel, "deadline", None)
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0) + 0.001
+
     def acquire(self, cancel: Any = None, tag: Any = None) -> bool:
         ticket = object()
         if cancel is not None and hasattr(cancel, "on_cancel"):
@@ -66,7 +80,7 @@ class FifoGate:
                         self._busy = True
                         self.log.append(BankEvent("acquire", time.perf_counter(), tag))
                         return True
-                    self._cond.wait(POLL_S if cancel is not None else None)
+                    self._cond.wait(self._timeout(cancel))
             finally:
                 self._line.remove(ticket)
                 self._cond.notify_all()

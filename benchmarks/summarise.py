@@ -1,0 +1,159 @@
+"""Turn raw measurements into result tables (``benchmarks/results/*.json``, the schema in README.md).
+
+    python benchmarks/summarise.py thread-policy          # from benchmarks/raw/thread-policy.json
+    python benchmarks/summarise.py recording FILE         # a replay file written by `casrap record`
+    python benchmarks/summarise.py replay TEST_JSON       # `casrap test --replay ... --json` output
+    python benchmarks/summarise.py loadtest LOADTEST_JSON # `casrap loadtest --load-levels ... --json` output
+
+Figures are copied from the measurement files, never typed in; each table names its command,
+machine, versions, date and n.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _write(name: str, table: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return path
+
+
+def thread_policy() -> Path:
+    raw = json.loads((HERE / "raw" / "thread-policy.json").read_text())
+    active, passive = raw["runs"]["active"], raw["runs"]["passive"]
+
+    def ms(run: dict, level: str, profile: str, threads: str) -> float | None:
+        for r in run["rows"]:
+            if r["level"] == level and r["profile"] == profile and r["threads"] == threads:
+                return round(r["decode_ms"], 1)
+        return None
+
+    def rule_threads(run: dict, level: str) -> str:
+        for r in run["rows"]:
+            if r["level"] == level and r["threads"] == "rule" and r["profile"] == "none":
+                return ",".join(str(t) for t in r["rule_threads"])
+        return ""
+
+    levels = sorted({r["level"] for r in passive["rows"]}, key=lambda v: (not v.isdigit(), v))
+    rows = []
+    for level in levels:
+        before = ms(active, level, "none", "2")
+        after = ms(passive, level, "none", "rule")
+        one, two = ms(passive, level, "none", "1"), ms(passive, level, "none", "2")
+        best = min(v for v in (one, two) if v is not None)
+        rows.append({"level": level, "before": before, "active_1": ms(active, level, "none", "1"), "passive_1": one,
+                     "passive_2": two, "after": after, "rule_threads": rule_threads(passive, level),
+                     "speedup": round(before / after, 2) if before and after else None,
+                     "rule_vs_best": round(after / best, 2) if after and best else None})
+    profile = next(r["profile"] for r in passive["rows"] if r["profile"] != "none")
+    change = passive.get("thread_change_ms", {})
+    return _write("thread-policy", {
+        "title": "Thread-aware execution: full-model decode under background load",
+        "page": "execution", "page_title": "Execution under load", "page_rank": 10, "order": 1,
+        "summary": "Median decode step (ms/token) of the full embedded model, before (2 torch threads, OpenMP spinning: the "
+                   "old defaults) and after (threads = cores other processes leave free, OpenMP waiting passively). Levels: "
+                   "0/1/2 background processes each burning a core; bursty: two switching on and off. `rule / best` compares "
+                   "the rule's choice with the faster of 1 and 2 threads measured in the same run (1.00 = the rule found it).",
+        "command": [active["command"], passive["command"]],
+        "machine": {"description": f"{passive['machine']['cpu']}, {passive['machine']['cores']} cores, SmolLM2-135M-Instruct fp32",
+                    "short": f"{passive['machine']['cores']}-core CPU", "threads": "as in each column",
+                    "load": "quiet apart from the background load being measured",
+                    "load_average": passive["machine"]["loadavg_at_end"][0]},
+        "versions": {"casrap": f"0.1.0 (commit {_commit()})", **passive["versions"]},
+        "date": passive["date"][:10],
+        "n": f"{passive['n']['reps']} generations x {passive['n']['decode_steps_per_rep']} decode steps per cell (median); "
+             f"configurations interleaved",
+        "columns": [
+            {"key": "level", "label": "background load"},
+            {"key": "before", "label": "before: 2 threads, spinning (ms/token)", "format": "{:.1f}"},
+            {"key": "active_1", "label": "1 thread, spinning", "format": "{:.1f}"},
+            {"key": "passive_1", "label": "1 thread, passive", "format": "{:.1f}"},
+            {"key": "passive_2", "label": "2 threads, passive", "format": "{:.1f}"},
+            {"key": "after", "label": "after: rule, passive (ms/token)", "format": "{:.1f}"},
+            {"key": "rule_threads", "label": "threads the rule chose"},
+            {"key": "speedup", "label": "before / after", "format": "{:.2f}x"},
+            {"key": "rule_vs_best", "label": "rule / best of 1, 2", "format": "{:.2f}"},
+        ],
+        "rows": rows,
+        "notes": [f"Setting the thread count: {change.get('set_num_threads_ms', float('nan')):.2f} ms; the first forward after a "
+                  f"change {change.get('first_forward_after_change_ms', float('nan')):.1f} ms against "
+                  f"{change.get('steady_forward_ms', float('nan')):.1f} ms steady (idle; 64-token forward)."
+                  if change else "Thread-change cost not measured.",
+                  f"The same run measured `{profile}`; its figures are in benchmarks/raw/thread-policy.json."],
+        "headline": [{"label": "full-model decode, one busy core: before -> after", "row": levels.index("1") if "1" in levels else 0,
+                      "column": "speedup", "rank": 2}],
+    })
+
+
+def recording(path: str) -> Path:
+    lines = Path(path).read_text().splitlines()
+    header = json.loads(lines[0])
+    records = [json.loads(line) for line in lines[1:]]
+    contexts = {(r["prompt_key"], r["load"]) for r in records}
+    rows = []
+    for level in sorted({r["load"] for r in records}, key=lambda v: (not str(v).isdigit(), str(v))):
+        at = [r for r in records if r["load"] == level]
+        row: dict = {"level": str(level), "contexts": len({r["prompt_key"] for r in at})}
+        for profile in header["profiles"]:
+            mine = [r["latency_s"] for r in at if r["profile"] == profile]
+            row[profile] = round(statistics.median(mine), 2) if mine else None
+        full = [r["decode_s"] * 1000 for r in at if r["profile"] == "none"]
+        row["full_decode_ms"] = round(statistics.median(full), 1) if full else None
+        row["slowdown"] = round(statistics.median(r["slowdown"] for r in at if r["profile"] == "none"), 2)
+        rows.append(row)
+    measured = sum(r["latency_source"] == "measured" for r in records)
+    return _write("recording", {
+        "title": "The recording: every latency measured, by load level",
+        "page": "policy", "page_title": "Policy vs fixed profiles", "page_rank": 1, "order": 1,
+        "summary": "Median latency (s) of a 32-token answer per profile (TTFT + 31 x the median decode step of a 16-token timed "
+                   "generation, + prompt analysis, telemetry and thread change), the full model's median decode step and "
+                   "casrap's measured slowdown, per load level. Threads set by the rule before every generation.",
+        "command": "casrap record --output checkpoints/replay-v3.jsonl --quality-from casrap/data/replay_smollm2.jsonl "
+                   + " ".join(f"-p {p}" for p in header["profiles"]),
+        "machine": {"description": f"{header['machine']['cpu']}, {header['machine']['cores']} cores, SmolLM2-135M-Instruct fp32",
+                    "short": f"{header['machine']['cores']}-core CPU", "threads": header["thread_policy"],
+                    "load": "quiet apart from the background load levels", "load_average": None},
+        "versions": {**header["versions"], "casrap": f"{header['versions']['casrap']} (commit {_commit()})"},
+        "date": header.get("date", "")[:10] or _today(),
+        "n": f"{len(contexts)} contexts ({len({k for k, _ in contexts})} prompts: {header['prompts']['train']} train, "
+             f"{header['prompts']['test']} test) x {len(header['profiles'])} profiles; {measured}/{len(records)} latencies measured",
+        "columns": [{"key": "level", "label": "load"}, {"key": "contexts", "label": "prompts"},
+                    *[{"key": p, "label": p, "format": "{:.2f}"} for p in header["profiles"]],
+                    {"key": "full_decode_ms", "label": "full decode ms/token", "format": "{:.1f}"},
+                    {"key": "slowdown", "label": "slowdown", "format": "{:.2f}"}],
+        "rows": rows,
+        "notes": [f"Wall time of the timing pass: {header['durations_s'].get('timing_wall_s', 0) / 60:.0f} min; "
+                  f"dropped actions and why: {json.dumps(header.get('dropped_profiles', {}))}"],
+    })
+
+
+def _today() -> str:
+    from datetime import date
+
+    return date.today().isoformat()
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    if kind == "thread-policy":
+        print(thread_policy())
+    elif kind == "recording":
+        print(recording(sys.argv[2]))
+    else:
+        raise SystemExit(f"unknown kind {kind}")
