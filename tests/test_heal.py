@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -81,13 +82,18 @@ def test_healed_profile_shares_base_and_restores_full_model_bitwise(tiny, tmp_pa
     for name in ("ffn-25", "layers-50"):
         result = heal_profile(bank, name, _blocks(), tmp_path / name, cfg)
         bank.add(_healed(bank, name, result.adapter_dir))
-    # the unhealed profile is unchanged by its healed sibling, and the healed one differs
-    assert not torch.equal(bank.profile("layers-50").layers[0].self_attn.o_proj.weight, bank.profile("layers-50+heal").layers[0].self_attn.o_proj.weight)
+    # the unhealed profile is unchanged by its healed sibling, and the healed one computes differently
+    with bank.using("layers-50"):
+        plain = _logits(tiny.model).clone()
+    with bank.using("layers-50+heal"):
+        healed = _logits(tiny.model).clone()
+    assert not torch.equal(plain, healed)
     assert bank.profile("layers-50").layers[0].mlp is bank._full_layers[0].mlp
-    # only the adapted modules are new: o_proj and down_proj of each kept layer
+    # the adapter runs unmerged on the shared base weights: only its low-rank factors are new,
+    # far less than copies of the adapted o_proj and down_proj of each kept layer would be
     layers = bank.profile("layers-50+heal").layers
-    per_layer = sum(layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel() for layer in layers) * 4
-    assert bank.memory_overhead_bytes("layers-50+heal") == per_layer
+    copies = sum(layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel() for layer in layers) * 4
+    assert 0 < bank.memory_overhead_bytes("layers-50+heal") < copies / 4
     assert layers[0].self_attn.q_proj.weight is bank._full_layers[0].self_attn.q_proj.weight
     assert_full_model_restored(bank, tiny.model, IDS, before, state, rounds=5)
 
@@ -147,7 +153,9 @@ def test_plan_json_round_trip_and_missing_adapter(tiny, tmp_path):
     result = heal_profile(bank, "layers-25", _blocks(), tmp_path, HealConfig(steps=1, rank=2, batch=2, save_every=100))
     path = _healed(bank, "layers-25", result.adapter_dir).save(tmp_path / "p.json")
     plan = PruningPlan.load(path)
-    assert json.loads(path.read_text())["meta"]["adapter"] == str(result.adapter_dir)
+    stored = json.loads(path.read_text())["meta"]["adapter"]  # relative to the plan's folder: the pair can move
+    assert not pathlib.Path(stored).is_absolute()
+    assert (path.parent / stored).resolve() == pathlib.Path(result.adapter_dir).resolve()
     bank.add(plan)
     plan.name, plan.meta["adapter"] = "gone", str(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="not found"):
