@@ -72,11 +72,12 @@ def test_bundle_refuses_a_policy_with_other_actions(tiny, bundle_dir, tmp_path):
 
 def test_bundle_refuses_other_observation_spec_and_tampered_plans(bundle_dir):
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
-    manifest["observation"]["features"] = manifest["observation"]["features"][:-1]
+    features = list(manifest["observation"]["features"])
+    manifest["observation"]["features"] = features[:-1]
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="observation spec"):
         load_bundle(bundle_dir)
-    manifest["observation"]["features"].append("latency_target")
+    manifest["observation"]["features"] = features
     manifest["actions"] = list(reversed(manifest["actions"]))
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="differ from actions"):
