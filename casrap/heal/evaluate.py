@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from casrap.errors import InputError
+
 import torch
 
 from casrap.measure.perplexity import mean_kl, perplexity
@@ -147,16 +149,9 @@ def heal_selected(
     from casrap.errors import InputError
     from casrap.heal.data import healing_texts, teacher_targets, token_blocks
     from casrap.heal.train import heal_profile, targets_for_plan
-    from casrap.pruners.sparse24 import sparse24_layers
 
     began = time.perf_counter()
-    if name == "none":
-        raise InputError("the full model has nothing to heal; give a pruned profile (layers-25, ffn-25, a plan .json)")
-    plan = bank.profile(name).plan
-    if plan.functional or plan.ranks or sparse24_layers(plan):
-        raise InputError(f"profile {name!r}: healing applies to structural head/FFN/layer plans (not masked, low-rank or 2:4 ones)")
-    if plan.meta.get("adapter"):
-        raise InputError(f"profile {name!r} is already healed")
+    plan = healable_plan(bank, name)
     cfg = replace(cfg, targets=list(cfg.targets) or targets_for_plan(plan))
     texts = healing_texts(lm.model, lm.tokenizer, bank.fingerprint, samples=cfg.samples, new_tokens=cfg.sample_tokens,
                           seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
@@ -240,3 +235,17 @@ def heal_selected(
         "memory_overhead_mb": bank.memory_overhead_bytes(final.name) / 2**20,
         "wall_s": time.perf_counter() - began,
     }
+
+
+def healable_plan(bank: Any, name: str) -> Any:
+    """The plan of profile ``name`` if healing applies to it; one-line error otherwise."""
+    from casrap.pruners.sparse24 import sparse24_layers
+
+    if name == "none":
+        raise InputError("the full model has nothing to heal; give a pruned profile (layers-25, ffn-25, a plan .json)")
+    plan = bank.profile(name).plan
+    if plan.functional or plan.ranks or sparse24_layers(plan):
+        raise InputError(f"profile {name!r}: healing applies to structural head/FFN/layer plans (not masked, low-rank or 2:4 ones)")
+    if plan.meta.get("adapter"):
+        raise InputError(f"profile {name!r} is already healed")
+    return plan

@@ -84,15 +84,9 @@ def heal(
     """
     from casrap.heal.data import healing_texts, token_blocks
 
-    if name == "none":
-        raise InputError("the full model has nothing to heal; give a pruned profile (layers-25, ffn-25, a plan .json)")
-    plan = bank.profile(name).plan
-    from casrap.pruners.sparse24 import sparse24_layers
+    from casrap.heal.evaluate import healable_plan
 
-    if plan.functional or plan.ranks or sparse24_layers(plan):
-        raise InputError(f"profile {name!r}: healing applies to structural head/FFN/layer plans (not masked, low-rank or 2:4 ones)")
-    if plan.meta.get("adapter"):
-        raise InputError(f"profile {name!r} is already healed")
+    plan = healable_plan(bank, name)
     texts = healing_texts(lm.model, lm.tokenizer, bank.fingerprint, samples=cfg.samples, new_tokens=cfg.sample_tokens,
                           seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
                           continuations=cfg.continuations)
