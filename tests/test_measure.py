@@ -17,7 +17,6 @@ from casrap.measure import (
     perplexity,
     teacher_forced_ppl,
     text_perplexity,
-    time_generation,
 )
 from casrap.measure.timing import check_prompt_fits
 
@@ -66,15 +65,6 @@ def test_teacher_forced_ppl_scores_only_the_answer(tiny):
     assert teacher_forced_ppl(tiny.model, prompt, answer) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(InputError):
         teacher_forced_ppl(tiny.model, prompt, torch.tensor([], dtype=torch.long))
-
-
-def test_timing_uses_injected_clock_and_medians(tiny):
-    ticks = iter(range(1000))
-    timing = time_generation(tiny.model, torch.tensor([[1, 2, 3]]), new_tokens=5, repetitions=3, warmup=1, clock=lambda: float(next(ticks)))
-    # every timed call takes exactly one tick of the fake clock
-    assert timing.ttft_s == 1.0 and timing.total_s == 1.0
-    assert timing.decode_ms_per_token == 0.0
-    assert timing.new_tokens == 5
 
 
 def test_generation_ignores_eos_and_makes_exact_token_count(tiny):

@@ -102,8 +102,10 @@ def test_budget_feature_follows_target_queue_and_wait(tiny):
     queued = router.decide(PROMPT, 10, 10, target_s=2.0, queue_length=2, waited_s=0.5)
     assert queued.budget_ratio == pytest.approx(1.5 / 2.0)  # (2.0 - 0.5) / (1 + 0.5 * 2) / 1.0
     default = router.decide(PROMPT, 10, 10)
-    assert default.budget_ratio == router.defaults.budget_ratio
-    assert default.observation[TARGET] == pytest.approx(min(1.0, router.defaults.budget_ratio / 4))
+    assert default.budget_ratio == router.defaults.budget_ratio and default.rule == "no-target"
+    router.defaults.full_when_ample = False  # asked, the policy sees the default ratio in the target slot
+    asked = router.decide(PROMPT, 10, 10)
+    assert asked.observation[TARGET] == pytest.approx(min(1.0, router.defaults.budget_ratio / 4))
 
 
 class _Always:
@@ -237,8 +239,11 @@ def test_stream_yields_the_same_text_as_plain(tiny):
     assert stream.record.profile == plain.record.profile
 
 
-def test_one_request_at_a_time_on_the_bank(tiny):
+def test_one_request_at_a_time_on_the_bank_without_batching(tiny):
+    from casrap.decide.batching import BatchConfig
+
     adaptive, _ = _adaptive(tiny)
+    adaptive = AdaptiveLM(adaptive.router, tiny.tokenizer, "tiny-random-llama", batching=BatchConfig(max_batch=1))
     probe = ConcurrencyProbe(adaptive.router)
     results = []
     threads = [threading.Thread(target=lambda: results.append(adaptive.generate(PROMPT, max_new_tokens=4))) for _ in range(3)]
@@ -368,7 +373,6 @@ def test_live_train_writes_a_bundle_that_runs(tiny, tmp_path):
 
 def test_kv_compression_profiles_generate_through_the_router(tiny):
     from casrap.decide.router import Router
-    from casrap.errors import InputError
     from casrap.profiles.factory import build_bank
 
     bank = build_bank(tiny.model, ["none", "kv-50"], base_model="tiny", tokenizer=tiny.tokenizer)
@@ -379,5 +383,73 @@ def test_kv_compression_profiles_generate_through_the_router(tiny):
     assert len(kept.token_ids) == 5 and len(kept.decode_steps_s) == 4 and kept.ttft_s > 0
     assert kept.token_ids != full.token_ids  # half the prompt's cache is gone: a different model of the text
     assert bank.active == "none"
-    with pytest.raises(InputError, match="does not support stop"):
-        router.run(router.fixed_decision("kv-50", ids, 5), ids, 5, stop=["x"])
+    text = kept.text
+    stop = text[len(text) // 2: len(text) // 2 + 2] if len(text) > 3 else text
+    stopped = router.run(router.fixed_decision("kv-50", ids, 5), ids, 5, ignore_eos=True, stop=[stop]).output
+    assert stopped.finish_reason == "stop" and stop not in stopped.text  # the compressed-KV path honours stop strings
+
+
+class _Switching:
+    """Telemetry whose other-process load turns on after ``after`` reads (mid-request)."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.reads = after, 0
+
+    def read(self):
+        self.reads += 1
+        return _Reading(other_cpu_util=50.0 if self.reads > self.after else 0.0).reading
+
+
+def test_the_router_governs_threads_during_a_request_and_reports_the_changes(tiny):
+    from casrap.telemetry.threads import GovernorConfig, ThreadPolicy
+
+    bank = tiny_bank(tiny)
+    before = torch.get_num_threads()
+    router = Router(bank, tiny.tokenizer, None, telemetry=_Switching(after=2), threads=ThreadPolicy(machine_cores=2, available=2),
+                    unloaded=UnloadedLatencyModel(LatencyFit(0.01, 0.0, 0.001, 0.0)), probe=False,
+                    governor=GovernorConfig(check_every=2, slow_factor=1e9))
+    try:
+        ids = tiny.tokenizer(PROMPT, return_tensors="pt").input_ids
+        decision = router.fixed_decision("none", ids, 8)  # read 1: idle -> two threads
+        assert decision.threads == 2
+        routed = router.run(decision, ids, 8, ignore_eos=True)  # read 2 at step 2 idle, read 3 at step 4 busy
+        assert [(c.before, c.after, c.reason) for c in routed.thread_changes] == [(2, 1, "telemetry")]
+        assert routed.thread_changes[0].step == 3 and torch.get_num_threads() == 1
+        assert len(routed.output.token_ids) == 8
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_rule_decision_skips_the_prompt_analysis_and_the_policy(tiny):
+    adaptive, policy = _adaptive(tiny)
+    router = adaptive.router
+    analysed = []
+    original = router.analyzer.analyze
+    router.analyzer.analyze = lambda text, ids=None: analysed.append(text) or original(text, ids)
+    decision = router.decide(PROMPT, 10, 10, target_s=None)
+    assert decision.rule == "no-target" and decision.profile == "none"
+    assert analysed == [] and decision.analysis_s == 0 and decision.observation == []
+    assert router._slowdown is None  # no probe, no latency model measured for a request without a target
+    router._unloaded = UnloadedLatencyModel(LatencyFit(0.1, 0.0, 0.1, 0.0))
+    router.defaults.full_when_ample = False
+    asked = router.decide(PROMPT, 10, 10, target_s=0.5)
+    assert analysed == [PROMPT] and asked.rule == "" and len(asked.observation) == len(OBSERVATION_FEATURES)
+
+
+# ------------------------------------------------------- one generation contract
+def test_adaptive_masks_a_prompt_lookup_choice_for_a_logprobs_request_before_generating(tiny):
+    from casrap.models.architecture import describe
+    from casrap.profiles.bank import ProfileBank
+    from casrap.profiles.catalogue import build_plan
+
+    bank = ProfileBank(tiny.model, base_model="tiny")
+    bank.add(build_plan("pld-4", None, describe(tiny.model), base_model="tiny"))
+    picks = BudgetPolicy(len(bank.names), threshold=2.0)  # always the last action: pld-4
+    router = Router(bank, tiny.tokenizer, picks, RuntimeDefaults(max_new_tokens=4), telemetry=FakeTelemetry(0), probe=False,
+                    unloaded=UnloadedLatencyModel(LatencyFit(10.0, 0.0, 10.0, 0.0)))  # every target is tight
+    adaptive = AdaptiveLM(router, tiny.tokenizer, "tiny-random-llama")
+    plain = adaptive.generate(PROMPT, max_new_tokens=4, latency_target_s=1.0)
+    assert plain.record.profile == "pld-4"
+    with_logprobs = adaptive.generate(PROMPT, max_new_tokens=4, latency_target_s=1.0, logprobs=0)  # pld cannot: masked
+    assert with_logprobs.record.profile == "none" and with_logprobs.logprobs is not None
+    assert len(with_logprobs.logprobs) == len(with_logprobs.token_ids)

@@ -112,7 +112,7 @@ def test_concurrent_requests_queue_on_the_bank(server, client):
             t.join()
     finally:
         probe.restore()
-    assert len(results) == 3 and probe.peak == 1
+    assert len(results) == 3 and probe.peak <= 1  # never two Router runs at once (batched requests share one engine)
     metrics = httpx.get(f"{url}/metrics").text
     assert "casrap_queue_wait_seconds_count" in metrics
 

@@ -163,10 +163,15 @@ def test_sixty_streaming_clients_with_disconnects_bad_requests_and_overflow(load
     for k, event in enumerate(log):
         if event.kind == "release" and k + 1 < len(log) and log[k + 1].kind == "acquire":
             gaps.append((event.tag, log[k + 1].at - event.at))
-    assert len(gaps) >= MAX_QUEUE - 1  # each request's end handed the bank straight to the next in line
+    kinds = [event.kind for event in log]
+    assert all(a != b for a, b in zip(kinds, kinds[1:]))  # acquire and release alternate: never two holders of the bank
+    if adaptive.batching.max_batch == 1:
+        assert len(gaps) >= MAX_QUEUE - 1  # each request's end handed the bank straight to the next in line
+    else:  # batched: the engine holds the bank for a busy period and decodes the admitted requests together
+        assert 1 <= len(gaps) + 1 <= MAX_QUEUE
     step = statistics.median(s for rec in records if rec.finish_reason == "length" for s in [rec.generation_s / max(rec.completion_tokens, 1)])
     cancel_stop = sorted(rec.cancel_to_stop_s for rec in cancelled)
-    handoff = sorted(g for _, g in gaps)
+    handoff = sorted(g for _, g in gaps) or [0.0]
     latencies = sorted(s[0] for s in health)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     scrape = sorted(run["metrics"])

@@ -87,3 +87,87 @@ def test_cli_loadtest_url_concurrency_json(server, tmp_path):
     data = json.loads(result.stdout[result.stdout.index("{"):])
     assert data["vllm"]["completed"] == 3 and data["config"]["concurrency"] == 1
     assert (tmp_path / "r" / "serving-1" / "serving.json").is_file()
+
+
+def _scripted_server(gap_s: float):
+    """An OpenAI-shaped stream that sends its role-only chunk, waits ``gap_s``, then two content chunks."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": choices, "usage": usage}) + "\n\n"
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "scripted", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> StreamingResponse:
+        async def events():
+            yield event({"role": "assistant"})
+            await asyncio.sleep(gap_s)
+            yield event({"content": "a"})
+            yield event({"content": "b"}, "stop")
+            yield event({}, usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_ttft_is_stamped_at_the_first_chunk_of_any_kind_as_vllm_does():
+    gap = 1.5
+    with running(_scripted_server(gap)) as url:
+        result = run_serving_bench(ServingBenchConfig(url=f"{url}/v1", prompts=["hi"], max_tokens=2, concurrency=1))
+    timing = result.requests[0]
+    assert timing.success and timing.output_tokens == 2 and timing.text == "ab"
+    assert timing.ttft_s < timing.e2el_s - gap + 0.5  # the role-only chunk ended the TTFT, before the gap
+    assert len(timing.itl_s) == 2 and max(timing.itl_s) >= gap  # every later chunk with choices adds an ITL gap
+
+
+def test_concurrency_sweep_reports_every_level_against_the_first(server):
+    from casrap.runtime.serving_bench import run_serving_sweep
+
+    url, _ = server
+    config = ServingBenchConfig(url=f"{url}/v1", prompts=PROMPTS, max_tokens=6, api_key="k")
+    sweep = run_serving_sweep(config, concurrencies=[1, 1, 2])
+    rows = sweep.summary()
+    assert [r["max_concurrency"] for r in rows] == [1, 1, 2] and all(r["completed"] == 4 for r in rows)
+    assert rows[0]["output_throughput_vs_first"] == pytest.approx(1.0)
+    assert rows[1]["same_text_as_first"] == 1.0  # greedy, one at a time both times: the same answers
+    assert 0.0 <= rows[2]["same_text_as_first"] <= 1.0
+    assert all(r.text for run in sweep.results for r in run.requests)
+    data = sweep.to_dict()
+    assert len(data["runs"]) == 3 and data["runs"][2]["vllm"]["max_concurrency"] == 2
+    json.dumps(data, allow_nan=False)
+
+
+def test_level_lists_parse_and_bad_ones_are_one_line_errors():
+    from casrap.runtime.serving_bench import parse_levels
+
+    assert parse_levels("1,2, 4,8", int, "--concurrency") == [1, 2, 4, 8]
+    assert parse_levels("0.5", float, "--rate") == [0.5] and parse_levels(None, int, "--concurrency") == []
+    with pytest.raises(InputError, match="--concurrency"):
+        parse_levels("1,two", int, "--concurrency")
+
+
+def test_cli_loadtest_concurrency_list_writes_a_sweep(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from casrap.cli import app
+
+    url, _ = server
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Name a colour.\nName a fruit.\n")
+    result = CliRunner().invoke(app, ["loadtest", "--url", f"{url}/v1", "--concurrency", "1,2", "--prompts", "2", "--prompts-file",
+                                      str(prompts), "-n", "3", "--api-key", "k", "--reports", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert [row["max_concurrency"] for row in data["summary"]] == [1, 2] and len(data["runs"]) == 2
+    assert {"mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "p90_itl_ms", "request_throughput", "output_throughput"} <= set(data["runs"][1]["vllm"])

@@ -23,6 +23,7 @@ import numpy as np
 from casrap.agents.baselines import RandomPolicy, StaticPolicy
 from casrap.agents.ope import LoggedDecisions, epsilon_greedy_propensity, evaluate_offline
 from casrap.envs.replay import PruningReplayEnv
+from casrap.measure.quality import group_bootstrap_ci as bootstrap_ci  # the grouped bootstrap, one implementation
 
 
 class Policy(Protocol):
@@ -86,17 +87,6 @@ class Comparison:
 def _ci95(values: np.ndarray) -> float:
     """Half-width of the normal 95% interval of the mean (nan for fewer than two values)."""
     return float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
-def bootstrap_ci(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """95% interval of the mean of ``values`` when whole ``groups`` (prompts) are resampled."""
-    labels, inverse = np.unique(groups, return_inverse=True)
-    sums = np.bincount(inverse, weights=values, minlength=len(labels))
-    counts = np.bincount(inverse, minlength=len(labels)).astype(float)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(labels), size=(resamples, len(labels)))
-    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
 def _paired(policy: PolicyScore, statics: list[PolicyScore], oracle: PolicyScore, keep: np.ndarray,

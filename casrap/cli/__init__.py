@@ -20,15 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from casrap.telemetry.threads import passive_wait_policy
+import typer
 
-passive_wait_policy()  # before anything imports torch: OpenMP threads sleep instead of spinning on a busy core
-
-import typer  # noqa: E402
-
-from casrap.cli import heal, model_commands, record, rl, runtime, search  # noqa: E402
-from casrap.cli.common import console  # noqa: E402
-from casrap.errors import CasrapError  # noqa: E402
+from casrap.cli import heal, model_commands, record, rl, runtime, search
+from casrap.cli.common import console
+from casrap.errors import CasrapError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Context Aware Structured Runtime Adaptive Pruning.")
 for _group in (model_commands, rl, record, search, runtime, heal):

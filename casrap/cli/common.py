@@ -68,31 +68,40 @@ def emit_json(data: Any) -> None:
 
 
 def importance_for(lm: Any, weight_norm: bool = False) -> Any:
-    """The model's calibrated importance: the cached one, or a calibration run now (visible).
+    """The model's importance as :func:`casrap.profiles.resolve.resolve_importance` finds it (the cached
+    calibration, the shipped bundle's, or a calibration run now, visibly).
 
     ``weight_norm`` asks for the data-free fallback explicitly; it is announced at the
     default log level because profiles built from it are far worse.
     """
-    from casrap.pruners.importance import default_calibration_path, load_or_calibrate, weight_norm_importance
+    from casrap.profiles.resolve import resolve_importance
 
     if weight_norm:
         console.print("[yellow]warning:[/] importance from weight norms, not calibration: pruned profiles will be much worse")
-        return weight_norm_importance(lm.model)
-    path = default_calibration_path(lm.model)
-    if path.is_file():
-        return load_or_calibrate(lm.model, lm.tokenizer, path=path)[0]
-    shipped = shipped_calibration(lm.model)
-    if shipped is not None:
-        return shipped
-    from casrap.data.calibration import calibration_texts
+    with _CalibrationBar() as hooks:
+        return resolve_importance(lm.model, lm.tokenizer, weight_norm, **hooks)
 
-    texts = calibration_texts()
-    console.print(f"no calibration for this model yet: calibrating on {len(texts)} calibration texts (once; cached at {path})")
-    with progress_bar() as bar:
-        task = bar.add_task("calibrating", total=len(texts))
-        importance, _ = load_or_calibrate(lm.model, lm.tokenizer, path=path, texts=texts,
-                                          progress=lambda i, n: bar.update(task, completed=i))
-    return importance
+
+class _CalibrationBar:
+    """``fallback``, ``on_calibrate`` and ``progress`` hooks that show a calibration run (only if one runs)."""
+
+    def __enter__(self) -> dict[str, Any]:
+        self.bar: Progress | None = None
+        return {"fallback": shipped_calibration, "on_calibrate": self._start, "progress": self._update}
+
+    def _start(self, path: Any, n: int) -> None:
+        console.print(f"no calibration for this model yet: calibrating on {n} calibration texts (once; cached at {path})")
+        self.bar = progress_bar()
+        self.bar.start()
+        self.task = self.bar.add_task("calibrating", total=n)
+
+    def _update(self, i: int, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=i)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def shipped_calibration(model: Any) -> Any:
@@ -112,43 +121,27 @@ def shipped_calibration(model: Any) -> Any:
 def announce_lowrank_fit(lm: Any, names: list[str]) -> None:
     """One visible line before a low-rank basis is fitted (minutes on 2 CPU cores, once per model)."""
     from casrap.models.architecture import model_key
-    from casrap.profiles.catalogue import parse_spec
+    from casrap.profiles.catalogue import FULL, parse_spec
     from casrap.profiles.factory import is_plan_file
     from casrap.pruners.lowrank import default_basis_path
 
-    if not any(not is_plan_file(n) and n != "none" and parse_spec(n)[0] == "lowrank" for n in names):
+    if not any(not is_plan_file(n) and n != FULL and parse_spec(n)[0] == "lowrank" for n in names):
         return
     path = default_basis_path(model_key(lm.model))
     if not path.is_file():
         console.print(f"no low-rank basis for this model yet: fitting it on the calibration text (once; minutes on a CPU; cached at {path})")
 
 
-SLICING_KINDS = {"heads", "kvheads", "ffn", "shipped"}  # spec kinds whose profiles can be views of a reordered base
-
-
 def build_profiles(lm: Any, names: list[str], model: str, structural: bool | None = None, weight_norm: bool = False) -> Any:
-    """A ProfileBank for ``names`` on a loaded model, calibrating on first use.
+    """A ProfileBank for ``names`` on a loaded model (:func:`casrap.profiles.resolve.bank_for`, as the
+    environment builds its own), calibrating visibly on first use; zero-copy layout whatever the order of ``names``."""
+    from casrap.profiles.resolve import bank_for
 
-    When a head/FFN spec or plan is asked for, the base is reordered by this command's
-    calibration before any profile is built (zero-copy profiles, whatever the order of
-    ``names``); the bank created afterwards inherits that layout.
-    """
-    from pathlib import Path
-
-    from casrap.profiles.bank import ProfileBank, needs_reorder
-    from casrap.profiles.catalogue import parse_spec
-    from casrap.profiles.factory import build_bank, is_plan_file
-    from casrap.profiles.plan import PruningPlan
-
-    specs = [n for n in names if n != "none" and not is_plan_file(n)]
-    files = [PruningPlan.load(Path(n)) for n in names if is_plan_file(n)]
-    slicing = (structural is not False and any(parse_spec(n)[0] in SLICING_KINDS for n in specs)) or needs_reorder(files)
-    needs_importance = any(parse_spec(n)[0] != "lowrank" for n in specs) or slicing
-    importance = importance_for(lm, weight_norm) if needs_importance else None
-    if slicing and importance is not None and importance.source.startswith("calibrated"):
-        ProfileBank(lm.model, base_model=model, importance=importance)  # reorders the base now (recorded on the model)
+    if weight_norm:
+        console.print("[yellow]warning:[/] importance from weight norms, not calibration: pruned profiles will be much worse")
     announce_lowrank_fit(lm, names)
-    return build_bank(lm.model, names, base_model=model, importance=importance, structural=structural, tokenizer=lm.tokenizer)
+    with _CalibrationBar() as hooks:
+        return bank_for(lm.model, lm.tokenizer, names, base_model=model, structural=structural, weight_norm=weight_norm, **hooks)
 
 
 def measure_latency_model(bank_or_model: Any, tokenizer: Any, telemetry: Any = None, force: bool = False) -> Any:

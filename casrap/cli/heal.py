@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from casrap.profiles.catalogue import FULL
 from casrap.cli.common import DeviceOpt, JsonOpt, ModelOpt, build_profiles, console, emit_json, load, out, progress_bar
 from casrap.errors import InputError
 
@@ -37,6 +38,34 @@ def heal(
     from casrap.heal.runner import HEAL_SUFFIX
 
     began = time.perf_counter()
+    cfg, grid = _config(task, method, steps, rank, lr, batch, targets, lm_weight, samples, continuations, topk, select)
+    lm = load(model, device)
+    bank = build_profiles(lm, [FULL, profile], model)
+    name = bank.names[-1]
+    if name == FULL:
+        raise InputError("the full model has nothing to heal; give a pruned profile")
+    output = output or Path("checkpoints") / "heal" / (name + (f"+{task}" if task else HEAL_SUFFIX))
+    data = _run(lm, bank, name, cfg, output, task, grid)
+    if not task:
+        data["wall_s"] = time.perf_counter() - began
+    if ship and data.get("better_than_shipped") is False:
+        data["shipped"] = None  # the adapter already shipped is better on validation prose: keep it
+    elif ship:
+        from casrap.heal.runner import ship as ship_plan
+
+        data["shipped"] = str(ship_plan(Path(data["plan"]), Path(model).name))
+    if as_json:
+        emit_json(data)
+    elif task:
+        _print_task(data)
+    else:
+        _print_healing(data, name, ship)
+
+
+def _config(task: str | None, method: str, steps: int | None, rank: int, lr: float, batch: int, targets: str, lm_weight: float,
+            samples: int, continuations: int, topk: int, select: str | None) -> tuple[Any, dict[str, list[float]]]:
+    """The checked healing config and the ``--select`` grid (one-line errors for bad combinations)."""
+    from casrap.heal.evaluate import parse_select
     from casrap.heal.train import HealConfig
 
     if task not in (None, "safety"):
@@ -45,8 +74,6 @@ def heal(
                      targets=[t.strip() for t in targets.split(",") if t.strip()], lm_weight=lm_weight, samples=samples,
                      continuations=continuations, topk=topk)
     cfg.check()
-    from casrap.heal.evaluate import parse_select
-
     grid = parse_select(select)
     if task and grid:
         raise InputError("--select applies to text healing, not --task")
@@ -54,12 +81,11 @@ def heal(
         from casrap.heal.train import check_qlora
 
         check_qlora()
-    lm = load(model, device)
-    bank = build_profiles(lm, ["none", profile], model)
-    name = bank.names[-1]
-    if name == "none":
-        raise InputError("the full model has nothing to heal; give a pruned profile")
-    output = output or Path("checkpoints") / "heal" / (name + (f"+{task}" if task else HEAL_SUFFIX))
+    return cfg, grid
+
+
+def _run(lm: Any, bank: Any, name: str, cfg: Any, output: Path, task: str | None, grid: dict[str, list[float]]) -> dict[str, Any]:
+    """Heal (or tune for the task) with a progress bar per stage; the result's record."""
     with progress_bar() as bar:
         tasks: dict[str, Any] = {}
 
@@ -72,28 +98,23 @@ def heal(
         if task:
             from casrap.heal.task import tune_for_task
 
-            data = tune_for_task(lm, bank, name, cfg, output, progress=on_progress).to_dict()
-        else:
-            from casrap.heal.evaluate import heal_selected
-            from casrap.heal.runner import healed_plan
+            return tune_for_task(lm, bank, name, cfg, output, progress=on_progress).to_dict()
+        from casrap.heal.evaluate import heal_selected
+        from casrap.heal.runner import healed_plan
 
-            data = heal_selected(lm, bank, name, cfg, output, healed_plan, select=grid, progress=on_progress)
-            data["wall_s"] = time.perf_counter() - began
-    if ship and data.get("better_than_shipped") is False:
-        data["shipped"] = None  # the adapter already shipped is better on validation prose: keep it
-    elif ship:
-        from casrap.heal.runner import ship as ship_plan
+        return heal_selected(lm, bank, name, cfg, output, healed_plan, select=grid, progress=on_progress)
 
-        data["shipped"] = str(ship_plan(Path(data["plan"]), Path(model).name))
-    if as_json:
-        emit_json(data)
-        return
-    if task:
-        out.print(f"safety task ({data['task_source']}), AUROC on its test split (n={data['test_n']}):")
-        for key, value in data["auroc"].items():
-            out.print(f"  {key}: {value:.3f}")
-        out.print(f"wrote {data['plan']} (adapter {data['adapter']})")
-        return
+
+def _print_task(data: dict[str, Any]) -> None:
+    out.print(f"safety task ({data['task_source']}), AUROC on its test split (n={data['test_n']}):")
+    for key, value in data["auroc"].items():
+        out.print(f"  {key}: {value:.3f}")
+    out.print(f"wrote {data['plan']} (adapter {data['adapter']})")
+
+
+def _print_healing(data: dict[str, Any], name: str, ship: bool) -> None:
+    from casrap.heal.runner import HEAL_SUFFIX
+
     if len(data["candidates"]) > 1:
         for c in data["candidates"]:
             out.print(f"  candidate lr {c['lr']:g}, {c['steps']} steps: validation ppl {c['validation_ppl']:.2f} "

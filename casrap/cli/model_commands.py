@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from casrap.profiles.catalogue import FULL
 from casrap.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -88,11 +89,12 @@ def eval_speed(
     """Generation timing: time to first token, decode ms/token, tokens/s (medians)."""
     import torch
 
-    from casrap.measure import time_generation
+    from casrap.bench import router_timing
+    from casrap.profiles.bank import ProfileBank
 
     lm = load(model, device)
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
-    timing = time_generation(lm.model, ids, new_tokens=tokens, repetitions=repetitions)
+    timing = router_timing(ProfileBank(lm.model, base_model=model), lm.tokenizer, ids, new_tokens=tokens, repetitions=repetitions)
     data = {"model": model, "device": lm.device, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]), **timing.to_dict()}
     if as_json:
         emit_json(data)
@@ -181,8 +183,8 @@ def bench(
         raise InputError(compile_blocker())
     lm = load(model, device)
     names = list(profiles) if profiles else CASRAP_V22 + TRADE_OFF
-    if "none" not in names:
-        names.insert(0, "none")
+    if FULL not in names:
+        names.insert(0, FULL)
     extra = [n for m in (memory_with or []) for n in (CASRAP_V22 + TRADE_OFF if m == "default" else [m])]
     bank = build_profiles(lm, list(dict.fromkeys(names + extra)), model, structural, weight_norm)
     timed = [n for n in bank.names if n in names or n not in extra]

@@ -1,4 +1,4 @@
-"""``casrap collect | train | test | report``: the RL side of the command line."""
+"""``casrap train | test | report``: the RL side of the command line (``casrap record`` records replays)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from casrap.cli.common import (
 )
 from casrap.envs.rewards import REWARDS, RewardConfig, reward_config
 from casrap.errors import InputError
-from casrap.profiles.catalogue import CASRAP_V22, default_catalogue
+from casrap.profiles.catalogue import CASRAP_V22, FULL, default_catalogue
 
 ProfilesOpt = typer.Option(None, "--profiles", "-p", help="action catalogue: specs, shipped plan names (ga-rates-40) or plan .json files (default: CASRAP v2.2 set + the plans shipped for the model)")
 RewardOpt = typer.Option("casrap", "--reward", help=f"reward: {' | '.join(REWARDS)}")
@@ -34,7 +34,7 @@ def _live_env(model: str, device: str, profiles: list[str], max_new_tokens: int,
     from casrap.envs.pruning_env import PruningEnv
 
     lm = load(model, device)
-    names = ["none", *[p for p in profiles if p != "none"]]
+    names = [FULL, *[p for p in profiles if p != FULL]]
     bank = build_profiles(lm, names, model, structural, weight_norm)
     config = EnvConfig(model=model, device=device, profiles=names, max_new_tokens=max_new_tokens, reward=reward, structural=structural)
     env = PruningEnv(config, bank=bank, tokenizer=lm.tokenizer, prompts=prompts)
@@ -48,7 +48,7 @@ def ensure_latency_model(router: Any) -> None:
 
     if not latency_cache_path(router.bank.fingerprint).is_file():
         console.print("no latency model for this model on this machine yet: timing the full model once (seconds; cached)")
-        router._unloaded = measure_latency_model(router.bank, router.tokenizer, router.telemetry)
+        router.unloaded = measure_latency_model(router.bank, router.tokenizer, router.telemetry)
     _ = router.unloaded
 
 
@@ -75,50 +75,6 @@ def _episode_line(r: dict[str, Any]) -> str:
             f"| reward {r['reward']:+.3f}")
 
 
-# ---------------------------------------------------------------------- collect
-def collect(
-    output: Path = typer.Option(Path("checkpoints/replay.jsonl"), help="replay file to write (JSONL)"),
-    model: str = ModelOpt,
-    device: str = DeviceOpt,
-    profiles: Optional[list[str]] = ProfilesOpt,
-    train_samples: int = typer.Option(30, help="prompts from the train split"),
-    test_samples: int = typer.Option(15, help="prompts from the test split"),
-    dataset: Optional[str] = typer.Option(None, help="CSV/JSONL/hub id (default: bundled prompts)"),
-    load_levels: list[float] = typer.Option([0.0, 1.0], "--load", help="background CPU load intensities to record under"),
-    load_workers: int = typer.Option(1, help="background load processes"),
-    max_new_tokens: int = typer.Option(50),
-    seed: int = typer.Option(0),
-) -> None:
-    """Measure prompts x load levels x profiles on the real model, for the replay env."""
-    import numpy as np
-
-    from casrap.data.prompts import load_prompts
-    from casrap.envs.collect import collect as run_collect
-    from casrap.envs.collect import replay_header
-    from casrap.envs.replay import write_replay
-    from casrap.telemetry.load import BackgroundLoad
-
-    rng = np.random.default_rng(seed)
-    train = load_prompts(dataset, split="train")
-    test = load_prompts(dataset, split="test")
-    chosen = [(train[i], "train") for i in rng.choice(len(train), min(train_samples, len(train)), replace=False)]
-    chosen += [(test[i], "test") for i in rng.choice(len(test), min(test_samples, len(test)), replace=False)]
-    env = _live_env(model, device, list(profiles or default_catalogue(model)), max_new_tokens, RewardConfig(), [p for p, _ in chosen])
-    fitting = {p.id for p in env.prompts}
-    chosen = [(p, s) for p, s in chosen if p.id in fitting]
-    background = BackgroundLoad(workers=load_workers).start() if any(level > 0 for level in load_levels) else None
-    start = time.perf_counter()
-    try:
-        with progress_bar() as bar:
-            task = bar.add_task("collecting", total=len(load_levels) * len(chosen) * len(env.action_names))
-            records = run_collect(env, chosen, list(load_levels), background, progress=lambda i, n: bar.update(task, completed=i))
-            write_replay(output, replay_header(env, model), records)
-    finally:
-        if background:
-            background.stop()
-    out.print(f"wrote {output}: {len(chosen)} prompts x {len(load_levels)} load levels x {len(env.action_names)} profiles in {time.perf_counter() - start:.0f} s")
-
-
 # ------------------------------------------------------------------------ train
 def train(
     episodes: int = typer.Option(200, help="episodes (one prompt each by default)"),
@@ -130,7 +86,7 @@ def train(
     device: str = DeviceOpt,
     reward: str = RewardOpt,
     slo_lambda: float = SloLambdaOpt,
-    replay: Optional[str] = typer.Option(None, help="train on recorded measurements (a file from `casrap collect`, or 'bundled')"),
+    replay: Optional[str] = typer.Option(None, help="train on recorded measurements (a file from `casrap record`, or 'bundled')"),
     background_load: bool = typer.Option(False, "--background-load", help="run a real CPU load that varies across episodes"),
     profiles: Optional[list[str]] = ProfilesOpt,
     weight_norm: bool = WeightNormOpt,
@@ -145,7 +101,6 @@ def train(
     """Train the Double-DQN controller (live on the model, or on a replay file)."""
     from casrap.agents.training import TrainConfig, read_state
     from casrap.agents.training import train as run_training
-    from casrap.data.prompts import load_prompts
     from casrap.reports import build_report
     from casrap.telemetry.load import BackgroundLoad
 
@@ -159,21 +114,9 @@ def train(
         saved = read_state(checkpoint)
         profiles = profiles or saved.get("profiles")
         replay = replay or saved.get("replay")
-    names = list(profiles or default_catalogue(model))
-    if replay:
-        from casrap.envs.replay import PruningReplayEnv
-
-        env: Any = PruningReplayEnv(replay, split="train", reward=reward_cfg)
-        names = env.action_names
-        tokens = int(env.table.header.get("max_new_tokens", 0)) or None
-        trained_on = {"source": f"replay:{replay}", "train_keys": sorted(env.prompt_keys())}
-    else:
-        prompts = load_prompts(train_dataset, split="train")
-        prompts = prompts[:train_samples] if train_samples else prompts
-        env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts, weight_norm=weight_norm)
-        names = env.action_names
-        tokens = max_new_tokens
-        trained_on = {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}
+    env, tokens, trained_on = _training_env(replay, reward_cfg, model, device, list(profiles or default_catalogue(model)),
+                                            max_new_tokens, train_dataset, train_samples, weight_norm)
+    names = env.action_names
     # two workers at intensities 0, 0.5, 1 (the schedule's levels) burn about 0, 1 and 2 cores
     background = BackgroundLoad(workers=2).start() if background_load and not replay else None
     config = TrainConfig(episodes=episodes, checkpoint=checkpoint, reports_root=reports, seed=seed, resume=resume, save_every=save_every,
@@ -207,14 +150,35 @@ def train(
     if as_json:
         emit_json(summary)
     else:
-        out.print(f"{'interrupted; ' if result.interrupted else ''}{result.episodes_done} episodes in {elapsed:.0f} s; "
-                  f"policy {checkpoint}; report {report}" + ("; continue with --resume" if result.interrupted else ""))
-        if bundle_dir:
-            out.print(f"bundle {bundle_dir} (casrap generate/serve --bundle {bundle_dir})")
-        elif replay:
-            out.print(f"to run it: casrap bundle --checkpoint {checkpoint} --out DIR --model MODEL (builds the actions' plans for a model)")
+        _print_trained(result, elapsed, checkpoint, report, bundle_dir, replay)
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _training_env(replay: str | None, reward_cfg: Any, model: str, device: str, names: list[str], max_new_tokens: int,
+                  train_dataset: str | None, train_samples: int | None, weight_norm: bool) -> tuple[Any, int | None, dict[str, Any]]:
+    """The env a run trains on (a replay, or live on the model), the answer length it describes, and its prompts' record."""
+    if replay:
+        from casrap.envs.replay import PruningReplayEnv
+
+        env: Any = PruningReplayEnv(replay, split="train", reward=reward_cfg)
+        tokens = int(env.table.header.get("max_new_tokens", 0)) or None
+        return env, tokens, {"source": f"replay:{replay}", "train_keys": sorted(env.prompt_keys())}
+    from casrap.data.prompts import load_prompts
+
+    prompts = load_prompts(train_dataset, split="train")
+    prompts = prompts[:train_samples] if train_samples else prompts
+    env = _live_env(model, device, names, max_new_tokens, reward_cfg, prompts, weight_norm=weight_norm)
+    return env, max_new_tokens, {"source": train_dataset or "bundled", "train_keys": sorted({p.key for p in env.prompts})}
+
+
+def _print_trained(result: Any, elapsed: float, checkpoint: Path, report: Path, bundle_dir: Path | None, replay: str | None) -> None:
+    out.print(f"{'interrupted; ' if result.interrupted else ''}{result.episodes_done} episodes in {elapsed:.0f} s; "
+              f"policy {checkpoint}; report {report}" + ("; continue with --resume" if result.interrupted else ""))
+    if bundle_dir:
+        out.print(f"bundle {bundle_dir} (casrap generate/serve --bundle {bundle_dir})")
+    elif replay:
+        out.print(f"to run it: casrap bundle --checkpoint {checkpoint} --out DIR --model MODEL (builds the actions' plans for a model)")
 
 
 def _write_bundle(env: Any, checkpoint: Path, model: str, reward: str, slo_lambda: float) -> Path:
@@ -254,7 +218,7 @@ def test(
     from casrap.agents.training import load_policy, read_state
     from casrap.data.prompts import load_prompts
     from casrap.envs.replay import PruningReplayEnv, load_replay
-    from casrap.reports import append_jsonl, build_report, new_run_dir
+    from casrap.reports import build_report, new_run_dir
 
     saved = read_state(checkpoint)
     reward_cfg = _reward(reward or saved.get("reward", "casrap"), slo_lambda if slo_lambda is not None else saved.get("slo_lambda", 10.0))
@@ -268,14 +232,7 @@ def test(
         refuse_overlap(saved, {p.key for p in prompts}, test_dataset or "the bundled test prompts")
         live = _live_env(model, device, saved.get("profiles") or list(CASRAP_V22), max_new_tokens, RewardConfig(), prompts)
         lm = live
-        from casrap.envs.collect import collect as run_collect
-        from casrap.envs.collect import replay_header
-        from casrap.envs.replay import write_replay
-
-        with progress_bar() as bar:
-            task = bar.add_task("measuring test prompts", total=len(live.prompts) * len(live.action_names))
-            records = run_collect(live, [(p, "test") for p in live.prompts], [0.0], progress=lambda i, n: bar.update(task, completed=i))
-            path = write_replay(run_dir / "measurements.jsonl", replay_header(live, model), records)
+        path = _measure_live(live, model, max_new_tokens, run_dir)
         env = PruningReplayEnv(table=load_replay(path), split="test", reward=reward_cfg)
     policy = load_policy(checkpoint, env)
     baselines = {}
@@ -284,14 +241,7 @@ def test(
 
         baselines["linucb"] = train_linucb(PruningReplayEnv(replay, split="train", reward=reward_cfg), bandit_steps, seed=seed)
     comparison = compare_policies(env, policy, budgets_per_context=budgets_per_context, seed=seed, baselines=baselines)
-    # per-decision records of the policy, for the plots
-    rng_env = PruningReplayEnv(table=env.table, reward=reward_cfg, split="all")
-    rng_env.reset(seed=seed)
-    for episode, context in enumerate(range(rng_env.n_contexts), start=1):
-        obs, _ = rng_env.reset(options={"context": context})
-        action = int(policy.predict(obs, deterministic=True)[0])
-        _, _, _, _, info = rng_env.step(action)
-        append_jsonl(run_dir / "metrics.jsonl", {**info, "episode": episode, "max_new_tokens": env.table.header.get("max_new_tokens")})
+    _record_decisions(env, policy, reward_cfg, seed, run_dir)
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), **comparison.to_dict()}
     if replay and ope_epsilon > 0:
         from casrap.agents.evaluate import off_policy_check
@@ -311,6 +261,24 @@ def test(
     if as_json:
         emit_json(result)
         return
+    _print_tested(result, comparison, run_dir)
+
+
+def _record_decisions(env: Any, policy: Any, reward_cfg: Any, seed: int, run_dir: Path) -> None:
+    """The policy's decision in every context, one metrics line each (for the plots)."""
+    from casrap.envs.replay import PruningReplayEnv
+    from casrap.reports import append_jsonl
+
+    rng_env = PruningReplayEnv(table=env.table, reward=reward_cfg, split="all")
+    rng_env.reset(seed=seed)
+    for episode, context in enumerate(range(rng_env.n_contexts), start=1):
+        obs, _ = rng_env.reset(options={"context": context})
+        action = int(policy.predict(obs, deterministic=True)[0])
+        _, _, _, _, info = rng_env.step(action)
+        append_jsonl(run_dir / "metrics.jsonl", {**info, "episode": episode, "max_new_tokens": env.table.header.get("max_new_tokens")})
+
+
+def _print_tested(result: dict[str, Any], comparison: Any, run_dir: Path) -> None:
     out.print(comparison.markdown(), soft_wrap=True, markup=False)
     if "ope" in result:
         o = result["ope"]
@@ -320,6 +288,20 @@ def test(
     if "perplexity" in result:
         out.print("perplexity on " + ", ".join(f"{k}: {v:.2f}" for k, v in result["perplexity"].items() if k != "corpus") + f" ({result['perplexity']['corpus']})")
     out.print(f"report: {run_dir / 'report.md'}")
+
+
+def _measure_live(live: Any, model: str, max_new_tokens: int, run_dir: Path) -> Path:
+    """The test prompts measured under every profile through the recorder's path (``casrap record``'s
+    quality and timing passes, at the machine's current load): the replay file the comparison runs on."""
+    from casrap.envs.record import RecordConfig, record_replay
+
+    config = RecordConfig(loads=("0",), max_new_tokens=max_new_tokens, timing_tokens=max_new_tokens,
+                          analysis_tokens=live.config.analysis_tokens, settle_s=0.0)
+    prompts = list(live.prompts)
+    with progress_bar() as bar:
+        task = bar.add_task("measuring test prompts", total=len(prompts) * (1 + len(live.action_names)))
+        return record_replay(live.router, prompts, list(live.action_names), config, run_dir / "measurements.work",
+                             run_dir / "measurements.jsonl", model, progress=lambda i, n: bar.update(task, completed=i, total=n))
 
 
 def refuse_overlap(saved_state: dict[str, Any], test_keys: set[str], where: str) -> None:
@@ -333,7 +315,7 @@ def refuse_overlap(saved_state: dict[str, Any], test_keys: set[str], where: str)
 
 def _top_profiles(comparison: Any, k: int = 2) -> list[str]:
     actions = comparison.scores[0].actions
-    return [name for name, _ in sorted(actions.items(), key=lambda kv: -kv[1]) if name != "none"][:k]
+    return [name for name, _ in sorted(actions.items(), key=lambda kv: -kv[1]) if name != FULL][:k]
 
 
 def _profile_perplexity(env: Any, comparison: Any, samples: int) -> dict[str, Any]:
@@ -343,7 +325,7 @@ def _profile_perplexity(env: Any, comparison: Any, samples: int) -> dict[str, An
     text = "\n\n".join(corpus.paragraphs()[:samples])
     ids = env.tokenizer(text, return_tensors="pt").input_ids[0]
     result: dict[str, Any] = {"corpus": corpus.name}
-    for name in ["none", *_top_profiles(comparison)]:
+    for name in [FULL, *_top_profiles(comparison)]:
         with env.bank.using(name):
             result[name] = perplexity(env.model, ids).ppl
     return result
@@ -360,5 +342,5 @@ def report(run_dir: Path = typer.Argument(..., help="a reports/train-N or report
 
 def register(app: typer.Typer) -> None:
     """Attach this group's commands to the top-level app."""
-    for command in (collect, train, test, report):
+    for command in (train, test, report):
         app.command()(command)

@@ -14,13 +14,13 @@ BundleOpt = typer.Option(None, "--bundle", "-b", help="policy bundle folder (def
 RuntimeModelOpt = typer.Option(None, "--model", "-m", help="model spec (default: the bundle's model)")
 
 
-def _adaptive(bundle: Optional[Path], model: Optional[str], device: str) -> Any:
+def _adaptive(bundle: Optional[Path], model: Optional[str], device: str, batching: Any = None) -> Any:
     from casrap.runtime.adaptive import AdaptiveLM
     from casrap.runtime.bundle import load_bundle
 
     checked = load_bundle(bundle)
     lm = load(model or checked.model_spec, device)
-    return AdaptiveLM.load(checked, model=lm)
+    return AdaptiveLM.load(checked, model=lm, batching=batching)
 
 
 def _summary(rec: Any) -> str:
@@ -68,16 +68,19 @@ def serve(
     device: str = DeviceOpt,
     model_id: Optional[str] = typer.Option(None, "--model-id", help="OpenAI model id to answer to (default: the model spec)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
-    max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for the model; beyond: 429 with Retry-After"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for the model; beyond: 429 with Retry-After (0: no queue, one runs, the others get 429)"),
     max_tokens_cap: int = typer.Option(1024, "--max-tokens-cap", help="largest max_tokens a request may ask for (400 above)"),
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds a request may take, queue included (0 = none)"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="largest request body (413 above)"),
     allow_debug_extensions: bool = typer.Option(False, "--allow-debug-extensions", help="let requests force a profile or ignore_eos (load tests, GuideLLM fixed lengths)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CASRAP_API_KEY", help="require Authorization: Bearer KEY on every route but /health"),
+    max_batch: int = typer.Option(8, "--max-batch", help="concurrent requests decoded together (1: one request at a time)"),
+    batch_mode: str = typer.Option("group", "--batch-mode", help="group: requests join a batch running the profile the policy chose for them; batch: the request that starts a batch chooses for all who join"),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import uvicorn
 
+    from casrap.decide.batching import BatchConfig
     from casrap.runtime.protocol import Limits
     from casrap.runtime.server import create_app
 
@@ -85,7 +88,8 @@ def serve(
         console.print(f"[yellow]warning:[/] binding {host} without --api-key: anyone who can reach this port can use the model", highlight=False)
     limits = Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue, request_timeout_s=request_timeout or None,
                     max_body_bytes=max_body_bytes, allow_debug_extensions=allow_debug_extensions, api_key=api_key or None)
-    lm = _adaptive(bundle, model, device)
+    batching = BatchConfig(max_batch=max_batch, batch_mode=batch_mode)  # a one-line error for a bad value
+    lm = _adaptive(bundle, model, device, batching)
     app = create_app(lm, model_id=model_id, limits=limits)
     console.print(f"serving {model_id or lm.model_name} with profiles {', '.join(lm.profiles)} on http://{host}:{port}/v1", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -109,8 +113,9 @@ def loadtest(
     seed: int = typer.Option(0),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of targets met vs quality loss, one panel per load level"),
     reports: Path = typer.Option(Path("reports"), help="parent of the numbered run folder holding requests.jsonl"),
-    rate: Optional[float] = typer.Option(None, "--rate", help="with --url: serving benchmark, Poisson arrivals at R requests/s"),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="with --url: serving benchmark, at most C requests in flight"),
+    rate: Optional[str] = typer.Option(None, "--rate", help="with --url: serving benchmark, Poisson arrivals at R requests/s (seeded by --seed); a list (1,2,4) runs one benchmark per rate"),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="with --url: serving benchmark, at most C requests in flight; a list (1,2,4,8) runs one benchmark per level"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="with --url and --rate/--concurrency: fixed-length answers (the server needs --allow-debug-extensions)"),
     slo_ttft_ms: Optional[float] = typer.Option(None, "--slo-ttft-ms", help="serving benchmark goodput: TTFT SLO"),
     slo_tpot_ms: Optional[float] = typer.Option(None, "--slo-tpot-ms", help="serving benchmark goodput: TPOT SLO"),
     slo_e2el_ms: Optional[float] = typer.Option(None, "--slo-e2el-ms", help="serving benchmark goodput: end-to-end SLO"),
@@ -122,8 +127,11 @@ def loadtest(
     With --url and --rate or --concurrency: a serving benchmark of that server instead
     (vLLM benchmark_serving / GuideLLM metric names; no model is loaded here)."""
     if url and (rate is not None or concurrency is not None):
-        _serving_bench(url, prompts, prompts_file, max_new_tokens, rate, concurrency, (slo_ttft_ms, slo_tpot_ms, slo_e2el_ms),
-                       api_key, seed, reports, as_json)
+        from casrap.runtime.serving_bench import parse_levels
+
+        levels = (parse_levels(rate, float, "--rate"), parse_levels(concurrency, int, "--concurrency"))
+        _serving_bench(url, prompts, prompts_file, max_new_tokens, levels, (slo_ttft_ms, slo_tpot_ms, slo_e2el_ms),
+                       api_key, seed, reports, as_json, ignore_eos)
         return
     from casrap.runtime.loadtest import LoadTestConfig, run_loadtest
     from casrap.telemetry.load import parse_load_levels
@@ -162,12 +170,14 @@ def loadtest(
         out.print(line, markup=False, highlight=False)
 
 
-def _serving_bench(url: str, prompts: int, prompts_file: Optional[Path], max_tokens: int, rate: Optional[float],
-                   concurrency: Optional[int], slo: tuple[Optional[float], ...], api_key: Optional[str], seed: int,
-                   reports: Path, as_json: bool) -> None:
-    """``loadtest --url --rate/--concurrency``: drive a server and report vLLM / GuideLLM metrics."""
+def _serving_bench(url: str, prompts: int, prompts_file: Optional[Path], max_tokens: int, levels: tuple[list[Any], list[Any]],
+                   slo: tuple[Optional[float], ...], api_key: Optional[str], seed: int, reports: Path, as_json: bool,
+                   ignore_eos: bool = False) -> None:
+    """``loadtest --url --rate/--concurrency``: drive a server and report vLLM / GuideLLM metrics, one run per level."""
+    import json
+
     from casrap.reports import new_run_dir
-    from casrap.runtime.serving_bench import ServingBenchConfig, load_prompt_file, run_serving_bench
+    from casrap.runtime.serving_bench import ServingBenchConfig, load_prompt_file, run_serving_sweep
 
     if prompts_file:
         texts = load_prompt_file(prompts_file)
@@ -176,20 +186,33 @@ def _serving_bench(url: str, prompts: int, prompts_file: Optional[Path], max_tok
 
         texts = [p if isinstance(p, str) else str(getattr(p, "text", p)) for p in load_prompts(None, split="test")]
     texts = [texts[i % len(texts)] for i in range(prompts)] if texts else []
-    config = ServingBenchConfig(url=url, prompts=texts, max_tokens=max_tokens, rate=rate, concurrency=concurrency, api_key=api_key,
-                                slo_ttft_ms=slo[0], slo_tpot_ms=slo[1], slo_e2el_ms=slo[2], seed=seed)
+    rates, concurrencies = levels
+    config = ServingBenchConfig(url=url, prompts=texts, max_tokens=max_tokens, api_key=api_key, slo_ttft_ms=slo[0],
+                                slo_tpot_ms=slo[1], slo_e2el_ms=slo[2], seed=seed,
+                                extra_body={"ignore_eos": True} if ignore_eos else {})
     with progress_bar() as bar:
         task = bar.add_task("serving benchmark (requests)", total=len(texts))
-        result = run_serving_bench(config, progress=lambda i, n: bar.update(task, completed=i, total=n))
+
+        def tick(level: int, n_levels: int, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"serving benchmark, level {level + 1}/{n_levels}")
+
+        sweep = run_serving_sweep(config, concurrencies, rates, progress=tick)
     run_dir = new_run_dir(reports, "serving")
-    data = result.to_dict()
-    (run_dir / "serving.json").write_text(__import__("json").dumps(data, indent=2))
+    data = sweep.results[0].to_dict() if len(sweep.results) == 1 else sweep.to_dict()
+    (run_dir / "serving.json").write_text(json.dumps(data, indent=2))
     if as_json:
         emit_json(data)
         return
+    for result in sweep.results:
+        _serving_table(url, result, run_dir)
+    if len(sweep.results) > 1:
+        _sweep_table(sweep)
+
+
+def _serving_table(url: str, result: Any, run_dir: Path) -> None:
     v = result.vllm()
-    load = f"rate {rate}/s" if rate is not None else ""
-    load += (", " if load else "") + (f"concurrency {concurrency}" if concurrency is not None else "")
+    load = f"rate {v['request_rate']}/s" if v["request_rate"] is not None else ""
+    load += (", " if load else "") + (f"concurrency {v['max_concurrency']}" if v["max_concurrency"] is not None else "")
     table = Table(title=f"serving benchmark of {url}: {v['completed']} ok / {v['failed']} failed, {load}, {v['duration']:.1f} s "
                         f"({run_dir / 'serving.json'})")
     for col in ("metric (vLLM name)", "mean", "median", "p90", "p99"):
@@ -204,6 +227,19 @@ def _serving_bench(url: str, prompts: int, prompts_file: Optional[Path], max_tok
     for timing in result.requests:
         if not timing.success:
             out.print(f"request {timing.index} failed ({timing.status}): {timing.error}", markup=False, highlight=False)
+
+
+def _sweep_table(sweep: Any) -> None:
+    table = Table(title="serving benchmark, all levels (throughput x the first level's; answers as at the first level)")
+    for col in ("concurrency", "rate", "ok", "req/s", "out tok/s", "x first", "TTFT p50 ms", "TPOT p50 ms", "e2el p99 ms", "same text"):
+        table.add_column(col, justify="right")
+    for row in sweep.summary():
+        vs, same = row["output_throughput_vs_first"], row["same_text_as_first"]
+        table.add_row(str(row["max_concurrency"] or "-"), str(row["request_rate"] or "-"), f"{row['completed']}/{row['completed'] + row['failed']}",
+                      f"{row['request_throughput']:.2f}", f"{row['output_throughput']:.1f}", "-" if vs is None else f"{vs:.2f}",
+                      f"{row['median_ttft_ms']:.1f}", f"{row['median_tpot_ms']:.1f}", f"{row['p99_e2el_ms']:.1f}",
+                      "-" if same is None else f"{100 * same:.0f}%")
+    out.print(table)
 
 
 # ----------------------------------------------------------------------- bundle

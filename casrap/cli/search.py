@@ -43,39 +43,17 @@ def search(
     from casrap.reports import new_run_dir
     from casrap.search.ga import SearchConfig
     from casrap.search.report import write_search_report
-    from casrap.search.runner import ENCODINGS, SearchRun, run_search
+    from casrap.search.runner import SearchRun, run_search
 
-    from casrap.search.scoring import FITNESS_KINDS
-
-    unknown = [e for e in encodings if e not in ENCODINGS]
-    if unknown:
-        raise InputError(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
-    if fitness not in FITNESS_KINDS:
-        raise InputError(f"unknown fitness {fitness!r}; choose from {', '.join(FITNESS_KINDS)}")
-    if time_budget is not None and time_budget <= 0:
-        raise InputError("--time-budget must be a positive number of seconds")
-    if workers < 0:
-        raise InputError("--workers must be 0 (in-process) or more")
+    _check_options(encodings, fitness, time_budget, workers)
     if generations is None:
         generations = 0 if time_budget is not None else 6
     if calibration_text is not None:
-        import os
-
-        from casrap.pruners.lowrank import CALIBRATION_ENV, task_calibration
-
-        if not calibration_text.is_file():
-            raise InputError(f"--calibration-text {calibration_text}: no such file")
-        os.environ[CALIBRATION_ENV] = str(calibration_text.resolve())
-        task_calibration()  # unreadable or empty: one line now, not after the model loads
+        _use_calibration_text(calibration_text)
     lm = load(model, device)
     importance = importance_for(lm)
     if "ranks" in encodings:
-        from casrap.models.architecture import model_key
-        from casrap.pruners.lowrank import default_basis_path
-
-        basis_path = default_basis_path(model_key(lm.model))
-        if not basis_path.is_file():
-            console.print(f"no low-rank basis for this model yet: fitting the PCA of every projection's outputs on calibration text (once; cached at {basis_path})")
+        _announce_basis(lm)
     run_dir = new_run_dir(reports, "search")
     ship_dir = None
     if ship:
@@ -102,6 +80,44 @@ def search(
         return
     out.print(path.read_text(), soft_wrap=True, highlight=False, markup=False)
     out.print(f"plans saved under {plans_dir}; report {path}")
+
+
+def _check_options(encodings: list[str], fitness: str, time_budget: float | None, workers: int) -> None:
+    """One-line errors for options that cannot work, before the model loads."""
+    from casrap.search.runner import ENCODINGS
+    from casrap.search.scoring import FITNESS_KINDS
+
+    unknown = [e for e in encodings if e not in ENCODINGS]
+    if unknown:
+        raise InputError(f"unknown encoding(s) {unknown}; choose from {', '.join(ENCODINGS)}")
+    if fitness not in FITNESS_KINDS:
+        raise InputError(f"unknown fitness {fitness!r}; choose from {', '.join(FITNESS_KINDS)}")
+    if time_budget is not None and time_budget <= 0:
+        raise InputError("--time-budget must be a positive number of seconds")
+    if workers < 0:
+        raise InputError("--workers must be 0 (in-process) or more")
+
+
+def _use_calibration_text(calibration_text: Path) -> None:
+    """Fit low-rank projections on this text (through the environment, as later commands read it)."""
+    import os
+
+    from casrap.pruners.lowrank import CALIBRATION_ENV, task_calibration
+
+    if not calibration_text.is_file():
+        raise InputError(f"--calibration-text {calibration_text}: no such file")
+    os.environ[CALIBRATION_ENV] = str(calibration_text.resolve())
+    task_calibration()  # unreadable or empty: one line now, not after the model loads
+
+
+def _announce_basis(lm: Any) -> None:
+    """Say so when the ranks search must first fit the PCA basis (it takes a while, once)."""
+    from casrap.models.architecture import model_key
+    from casrap.pruners.lowrank import default_basis_path
+
+    basis_path = default_basis_path(model_key(lm.model))
+    if not basis_path.is_file():
+        console.print(f"no low-rank basis for this model yet: fitting the PCA of every projection's outputs on calibration text (once; cached at {basis_path})")
 
 
 def register(app: typer.Typer) -> None:

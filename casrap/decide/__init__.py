@@ -9,5 +9,7 @@ is trained is what runs.
 - :mod:`casrap.decide.observation`: the observation vector and its spec version;
 - :mod:`casrap.decide.defaults`: what a request that leaves something out gets;
 - :mod:`casrap.decide.generation`: timed generation (TTFT, per-token clock);
+- :mod:`casrap.decide.generators`: which generator a profile kind runs with (dense,
+  compressed KV, prompt lookup) and what it refuses, so the Router can mask it;
 - :mod:`casrap.decide.router`: the Router.
 """

@@ -51,6 +51,15 @@ class PromptAnalyzer:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         return ids
 
+    def bound_cache(self, limit: int) -> None:
+        """Forget every cached prompt once more than ``limit`` are kept (a server sees unbounded prompts)."""
+        if len(self._cache) > limit:
+            self._cache.clear()
+
+    def forget(self, prompt: str) -> None:
+        """Drop one prompt's cached features, so the next analysis is measured afresh."""
+        self._cache.pop(prompt, None)
+
     @torch.inference_mode()
     def analyze(self, prompt: str, ids: torch.Tensor | None = None) -> PromptFeatures:
         cached = self._cache.get(prompt)

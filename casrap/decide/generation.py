@@ -16,7 +16,10 @@ greedy decoding is done by small per-request objects handed to ``model.generate`
 - ``cancel``: a :class:`Cancellation` checked after every token, so a request whose
   client left, or whose deadline passed, gives the model up within one decode step;
 - the end ids of the model's ``generation_config`` (all of them, e.g. Llama-3's
-  ``<|eot_id|>``) together with the tokenizer's EOS.
+  ``<|eot_id|>``) together with the tokenizer's EOS;
+- ``on_decode_step``: called with each decode step's seconds between two forward passes,
+  where the thread governor (:class:`casrap.telemetry.threads.ThreadGovernor`) may change
+  torch's thread count for the next pass.
 """
 
 from __future__ import annotations
@@ -155,6 +158,10 @@ class _Penalties(LogitsProcessor):
 
     def __init__(self, prompt_len: int, presence: float, frequency: float, bias: dict[int, float]) -> None:
         self.prompt_len, self.presence, self.frequency, self.bias = prompt_len, presence, frequency, bias
+        # logit_bias as one index/value pair of tensors, added in one op per step (not a Python loop over entries)
+        self.bias_ids = torch.tensor(list(bias), dtype=torch.long)
+        self.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32)
+        self._bias_for: tuple[Any, ...] | None = None  # (device, dtype, vocab) the tensors were prepared for
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.clone()
@@ -162,9 +169,13 @@ class _Penalties(LogitsProcessor):
         if generated.numel() and (self.presence or self.frequency):
             counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
             scores -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
-        for token, value in self.bias.items():
-            if 0 <= token < scores.shape[-1]:
-                scores[:, token] += value
+        if self.bias_ids.numel():
+            if self._bias_for != (scores.device, scores.dtype, scores.shape[-1]):
+                self._bias_for = (scores.device, scores.dtype, scores.shape[-1])
+                keep = (self.bias_ids >= 0) & (self.bias_ids < scores.shape[-1])
+                self.bias_ids = self.bias_ids[keep].to(scores.device)
+                self.bias_values = self.bias_values[keep].to(scores.device, scores.dtype)
+            scores.index_add_(1, self.bias_ids, self.bias_values.expand(scores.shape[0], -1))
         return scores
 
 
@@ -212,8 +223,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return len(text) - len(stable) + longest
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    found = [(text.find(s), s) for s in stops if s and s in text]
+def _find_stop(text: str, stops: Sequence[str], new_from: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in ``text`` as (position, stop), searching only where a match could end at or
+    after ``new_from`` (the text before it was searched at an earlier step): O(new text + stop length) per step."""
+    found = [(i, s) for s in stops if s and (i := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
     return min(found) if found else None
 
 
@@ -227,8 +240,10 @@ class _StepWatch(StoppingCriteria):
 
     def __init__(self, clock: Callable[[], float], tokenizer: Any, prompt_len: int, stops: Sequence[str],
                  cancel: Any, recorder: _LogprobRecorder | None, ends: set[int],
-                 on_step: Callable[[StreamPiece], None] | None) -> None:
+                 on_step: Callable[[StreamPiece], None] | None,
+                 on_decode_step: Callable[[float], None] | None = None) -> None:
         self.clock, self.tokenizer, self.prompt_len = clock, tokenizer, prompt_len
+        self.on_decode_step = on_decode_step
         self.stops, self.cancel, self.recorder, self.ends, self.on_step = list(stops), cancel, recorder, ends, on_step
         self.times: list[float] = []
         self.logprobs: list[TokenLogprob] = []
@@ -237,6 +252,11 @@ class _StepWatch(StoppingCriteria):
         self.stop: str | None = None
         self.cancelled: str | None = None
         self.cancel_to_stop_s: float | None = None
+        self.searched = ""  # text already searched for stop strings (no match in it)
+
+    def _new_from(self, text: str) -> int:
+        """Where ``text`` may differ from what was searched: its end, unless decoding changed earlier text."""
+        return len(self.searched) if text.startswith(self.searched) else 0
 
     @property
     def first(self) -> float | None:
@@ -258,13 +278,16 @@ class _StepWatch(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         self.times.append(self.clock())
+        if self.on_decode_step is not None and len(self.times) >= 2:
+            self.on_decode_step(self.times[-1] - self.times[-2])
         done = False
         new = input_ids[0, self.prompt_len:].tolist()
         if new:
             self._commit_logprob(new[-1])
         if self.stops or self.on_step is not None:
             text = self.text_of([t for t in new if t not in self.ends])
-            hit = _find_stop(text, self.stops) if self.stops else None
+            hit = _find_stop(text, self.stops, self._new_from(text)) if self.stops else None
+            self.searched = text.rstrip("\ufffd")  # a split character may still change: search it again
             if hit is not None:
                 self.stop, done = hit[1], True
                 safe = hit[0]
@@ -296,12 +319,36 @@ class _TextCallback:
             self.on_step(piece)
 
 
-@torch.inference_mode()
-def generate_timed(
+@dataclass
+class DecodeRequest:
+    """Everything one request hands a decode loop, built once by :func:`prepare_request`.
+
+    Every generator (``model.generate``, prompt lookup, the compressed-KV loop) applies
+    the same ``processors`` to the same token sequence and calls the same ``watch`` after
+    each forward pass, so cancel, streaming, stop strings, seeds, logprobs, penalties and
+    the per-step hook behave identically whatever produced the tokens.
+    """
+
+    ids: torch.Tensor
+    prompt_len: int
+    ends: list[int]
+    pad: int
+    processors: LogitsProcessorList
+    recorder: _LogprobRecorder | None
+    stream: Callable[[StreamPiece], None] | None
+    watch: _StepWatch
+    device: torch.device
+
+    def next_token(self, seq: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[1, 1] token after ``seq`` from its [1, vocab] logits, exactly as ``model.generate`` picks it."""
+        scores = self.processors(seq, logits.float()) if self.processors else logits
+        return scores.argmax(-1, keepdim=True)
+
+
+def prepare_request(
     model: Any,
     tokenizer: Any,
     input_ids: torch.Tensor,
-    max_new_tokens: int,
     clock: Callable[[], float] = time.perf_counter,
     on_text: Callable[[str], None] | None = None,
     ignore_eos: bool = False,
@@ -317,16 +364,13 @@ def generate_timed(
     logprobs: int | None = None,
     cancel: Any = None,
     on_step: Callable[[StreamPiece], None] | None = None,
-) -> GenerationOutput:
-    """Generate on the active profile; ``ignore_eos`` fixes the length (for timing).
-
-    ``logprobs``: None for none, else how many alternatives per token (0: the chosen
-    token's only). ``cancel``: anything with ``is_set()`` (a :class:`Cancellation`).
-    ``on_step`` receives a :class:`StreamPiece` after every token; ``on_text`` only the
-    non-empty text pieces.
-    """
+    on_decode_step: Callable[[float], None] | None = None,
+) -> DecodeRequest:
+    """The processors, end ids and step watcher of one request (shared by every generator)."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
     prompt_len = int(ids.shape[1])
     ends = [] if ignore_eos else end_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -345,38 +389,85 @@ def generate_timed(
             processors.append(TopPLogitsWarper(top_p=top_p))
         processors.append(_Sampler(seed))
     stream = _TextCallback(on_text, on_step) if on_text is not None else on_step
-    watch = _StepWatch(clock, tokenizer, prompt_len, [s for s in (stop or []) if s], cancel, recorder, set(ends), stream)
-    kwargs: dict[str, Any] = {"do_sample": False}
-    if processors:
-        kwargs["logits_processor"] = processors
-    if ignore_eos:
-        kwargs["min_new_tokens"] = max_new_tokens
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=ends or None,
-        pad_token_id=pad, stopping_criteria=StoppingCriteriaList([watch]), **kwargs,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    end = clock()
-    new = out[0, prompt_len:].tolist()
+    watch = _StepWatch(clock, tokenizer, prompt_len, [s for s in (stop or []) if s], cancel, recorder, set(ends), stream,
+                       on_decode_step)
+    return DecodeRequest(ids, prompt_len, ends, int(pad), processors, recorder, stream, watch, device)
+
+
+def finish_request(request: DecodeRequest, tokenizer: Any, new: list[int], start: float, end: float) -> GenerationOutput:
+    """The output of a finished decode loop: cut at the first end id and at a stop string, flush the stream."""
+    watch, ends = request.watch, set(request.ends)
     finish = "length"
-    if new and new[-1] in ends:
-        finish, new = "stop", new[:-1]
+    cut = next((i for i, t in enumerate(new) if t in ends), None)  # several tokens per pass may run past an end id
+    if cut is not None:
+        finish, new = "stop", new[:cut]
     text = tokenizer.decode(new, skip_special_tokens=True)
     if watch.stop is not None:
         hit = _find_stop(text, [watch.stop])
         text, finish = (text[: hit[0]] if hit else text), "stop"
     elif watch.cancelled is not None and finish == "length":
         finish = watch.cancelled
-    if stream is not None:
+    if request.stream is not None:
         rest = text[watch.emitted:] if len(text) > watch.emitted else ""
         fresh = watch.logprobs[watch.sent_logprobs:]
         if rest or fresh:
-            stream(StreamPiece(rest, len(new), fresh))
+            request.stream(StreamPiece(rest, len(new), fresh))
     steps = [b - a for a, b in zip(watch.times, watch.times[1:])]
     return GenerationOutput(new, text, (watch.first if watch.first is not None else end) - start, end - start, finish, steps,
-                            logprobs=watch.logprobs if recorder is not None else None, stop=watch.stop,
+                            logprobs=watch.logprobs if request.recorder is not None else None, stop=watch.stop,
                             cancel_to_stop_s=watch.cancel_to_stop_s)
+
+
+@torch.inference_mode()
+def generate_timed(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
+    on_text: Callable[[str], None] | None = None,
+    ignore_eos: bool = False,
+    prompt_lookup: int | None = None,
+    generate_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> GenerationOutput:
+    """Generate on the active profile; ``ignore_eos`` fixes the length (for timing).
+
+    ``options`` are :func:`prepare_request`'s: ``logprobs`` (None for none, else how many
+    alternatives per token, 0: the chosen token's only), ``cancel`` (anything with
+    ``is_set()``, e.g. a :class:`Cancellation`), ``on_step`` (a :class:`StreamPiece` after
+    every forward pass; ``on_text`` receives only the non-empty text pieces), sampling,
+    penalties, ``stop``, ``seed``, ``on_decode_step``.
+
+    ``prompt_lookup=K`` decodes with transformers' prompt-lookup decoding (drafts of up
+    to K tokens copied from the prompt, verified in one forward pass; the greedy answer is
+    the dense one). A pass may then add several tokens: the watcher, the per-step hook and
+    ``decode_steps_s`` see one entry per forward pass, and logprobs are refused (only the
+    pass's last distribution would be kept). ``generate_options`` go to ``model.generate``
+    unchanged (a static cache and ``compile_config`` for compiled decoding).
+    """
+    if prompt_lookup is not None and options.get("logprobs") is not None:
+        from casrap.errors import InputError
+
+        raise InputError("prompt-lookup decoding cannot return logprobs")
+    request = prepare_request(model, tokenizer, input_ids, clock=clock, on_text=on_text, ignore_eos=ignore_eos, **options)
+    ids, device = request.ids, request.device
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if request.processors:
+        kwargs["logits_processor"] = request.processors
+    if ignore_eos:
+        kwargs["min_new_tokens"] = max_new_tokens
+    if prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = int(prompt_lookup)
+    kwargs.update(generate_options or {})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=request.ends or None,
+        pad_token_id=request.pad, stopping_criteria=StoppingCriteriaList([request.watch]), **kwargs,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    end = clock()
+    return finish_request(request, tokenizer, out[0, request.prompt_len:].tolist(), start, end)

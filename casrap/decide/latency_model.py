@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from casrap.profiles.catalogue import FULL
 from casrap.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ def load_or_fit_latency_model(
         except CheckpointError as err:
             log.warning("re-measuring the latency model: %s", err)
     if bank is not None:
-        bank.activate("none")
+        bank.activate(FULL)
     if telemetry is not None:
         telemetry.read()
     device = next(model.parameters()).device

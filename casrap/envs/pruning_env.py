@@ -18,12 +18,12 @@ from casrap.decide.analysis import PromptAnalyzer, PromptFeatures
 from casrap.envs.config import OBSERVATION_FEATURES, EnvConfig
 from casrap.envs.rewards import RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
-from casrap.measure.perplexity import mean_kl, next_token_logits, teacher_forced_ppl
+from casrap.measure.quality import score_profiles
 from casrap.measure.timing import check_prompt_fits
 from casrap.profiles.bank import ProfileBank
 from casrap.profiles.catalogue import FULL
 from casrap.decide.defaults import RuntimeDefaults
-from casrap.decide.router import Execution, Router, build_observation
+from casrap.decide.router import Execution, Router
 from casrap.telemetry.live import LiveTelemetry, Telemetry, TelemetryReading
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,14 @@ class PruningEnv(gym.Env):
 
     ## Action Space
     ``Discrete(n)`` over the bank's profiles in order; action 0 is ``none`` (full
-    model). The default catalogue is CASRAP v2.2's: none, heads 5/10/15%, layers
-    5/10%, FFN 5/8%; specs and plan files (search, healing) can be added.
+    model). The default catalogue (:func:`casrap.profiles.catalogue.default_catalogue`) is
+    the original CASRAP design's set (its v2.2: none, heads 5/10/15%, layers 5/10%, FFN
+    5/8%) plus the plans shipped for the model; specs and plan files (search, healing) can
+    be added.
 
     ## Observation Space
-    ``Box(0, 1, (11,), float32)`` (observation spec v2, :mod:`casrap.decide.observation`):
+    ``Box(0, 1, (13,), float32)`` (observation spec v3, :mod:`casrap.decide.observation`;
+    built by :meth:`casrap.decide.router.Router.observe`, as the runtime builds it):
 
     | idx | feature | normalisation |
     |-----|---------|---------------|
@@ -82,6 +85,8 @@ class PruningEnv(gym.Env):
     | 8 | prompt tokens | tokens / 512, clipped |
     | 9 | prompt perplexity | ppl / 100, clipped (full model, first 64 tokens) |
     | 10 | latency target | target / predicted unloaded full-model latency / 4 (``slo``; 1 otherwise) |
+    | 11 | slowdown | casrap's measured decode slowdown against the unloaded model (:mod:`casrap.decide.slowdown`) |
+    | 12 | threads | the request's threads / the cores available to the process |
 
     ## Rewards
     ``casrap`` (v2.2 shaping), ``linear`` or ``slo``; see :mod:`casrap.envs.rewards`.
@@ -99,7 +104,7 @@ class PruningEnv(gym.Env):
     on a slowdown above 10%.
 
     ``reset(options={"prompt": Prompt(...)})`` fixes the episode's prompt (used by
-    ``casrap collect`` and evaluation).
+    evaluation).
 
     ## Arguments
     Any :class:`EnvConfig` field as a flat keyword, as with every Gymnasium env:
@@ -127,11 +132,12 @@ class PruningEnv(gym.Env):
         self.config = config_with(config or EnvConfig(), settings)
         if bank is None:
             from casrap.models import load_model
-            from casrap.profiles.factory import build_bank
+            from casrap.profiles.resolve import bank_for
 
             lm = load_model(self.config.model, device=self.config.device)
-            bank = build_bank(lm.model, self.config.profiles, base_model=self.config.model, structural=self.config.structural,
-                              tokenizer=lm.tokenizer)
+            # importance and layout resolved as the command line resolves them (one place)
+            bank = bank_for(lm.model, lm.tokenizer, list(self.config.profiles), base_model=self.config.model,
+                            structural=self.config.structural)
             tokenizer = lm.tokenizer
         if tokenizer is None:
             raise ValueError("a tokenizer is required when a bank is injected")
@@ -181,7 +187,7 @@ class PruningEnv(gym.Env):
             self._ids[prompt.id] = ids.to(next(self.model.parameters()).device)
         return self._ids[prompt.id]
 
-    def _timed_generate(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    def _run_full(self, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
         """The full model's timed generation through the Router (thread-aware execution, EOS ignored)."""
         n = self.config.max_new_tokens
         out = self.router.run(self.router.fixed_decision(FULL, ids, n), ids, n, ignore_eos=True).output
@@ -194,11 +200,11 @@ class PruningEnv(gym.Env):
         if cached is not None and abs(reading.other_cpu_util - cached.cpu_util) <= self.config.rebaseline_cpu_delta:
             return cached
         self.bank.activate(FULL)
-        latency, ttft, answer = self._timed_generate(ids)
+        latency, ttft, answer = self._run_full(ids)
         if cached is not None:
             answer, tf_ppl = cached.answer_ids, cached.tf_ppl
         else:
-            tf_ppl = teacher_forced_ppl(self.model, ids, answer)
+            tf_ppl = score_profiles(self.bank, ids, answer, [FULL], FULL)[FULL].ppl
         record = Baseline(answer, latency, ttft, tf_ppl, reading.other_cpu_util)
         self._baselines[prompt.id] = record
         return record
@@ -208,8 +214,8 @@ class PruningEnv(gym.Env):
         ex = self._execution
         assert self._prompt is not None
         tokens = int(self._encode(self._prompt).shape[1])  # the templated prompt, as the Router counts it
-        return build_observation(self._reading, replace(self._features, tokens=tokens), self._budget_ratio,
-                                 ex.slowdown if ex else 1.0, ex.thread_share if ex else 1.0)
+        return self.router.observe(self._reading, tokens, self._features.ppl, self._budget_ratio,
+                                   ex.slowdown if ex else 1.0, ex.thread_share if ex else 1.0)
 
     def _next_prompt(self, prompt: Prompt | None = None) -> None:
         self._prompt = prompt or self.prompts[int(self.np_random.integers(len(self.prompts)))]
@@ -244,16 +250,15 @@ class PruningEnv(gym.Env):
         base = self.baseline(prompt, reading)
         ids = self._encode(prompt)
         answer = base.answer_ids
-        full_seq = torch.cat([ids[0], answer]).unsqueeze(0)
         n = self.config.max_new_tokens
         routed = self.router.run(self.router.fixed_decision(name, ids, n), ids, n, ignore_eos=True)  # switch, generate, restore
         switch_s, latency, ttft = routed.switch_s, routed.output.robust_latency_s, routed.output.ttft_s
         output = torch.tensor(routed.output.token_ids, dtype=ids.dtype, device=ids.device)
-        with self.bank.using(name):
-            tf_ppl = teacher_forced_ppl(self.model, ids, answer) if name != FULL else base.tf_ppl
-            cand_logits = next_token_logits(self.model, full_seq)
-        full_logits = next_token_logits(self.model, full_seq)
-        kl = mean_kl(full_logits[ids.shape[1] - 1 : -1], cand_logits[ids.shape[1] - 1 : -1])
+        if name == FULL:
+            tf_ppl, kl = base.tf_ppl, 0.0
+        else:  # one pass for the full model, one for the profile, along the full model's answer
+            quality = score_profiles(self.bank, ids, answer, [name], FULL)[name]
+            tf_ppl, kl = quality.ppl, quality.kl
         overhead = features.analysis_s + switch_s if self.config.count_router_overhead else 0.0
         total_latency = latency + overhead
         predicted_full = self.router.estimate_unloaded(int(ids.shape[1]), n)

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from casrap.data.prompts import Prompt, load_prompts
 from casrap.decide.analysis import PromptAnalyzer
 from casrap.decide.latency_model import LatencyFit, LatencySample, cpu_name, fit_latency
+from casrap.measure.quality import score_profiles
 from casrap.profiles.catalogue import FULL
 from casrap.decide.generation import generate_timed
 
@@ -124,7 +124,8 @@ def quality_pass(bank: Any, tokenizer: Any, prompts: list[Prompt], profiles: lis
     """Per prompt: the full model's answer, and each profile's teacher-forced ppl and KL on it.
 
     One forward pass per profile scores both (the answer's tokens for perplexity, the
-    full model's next-token distributions at the same positions for KL).
+    full model's next-token distributions at the same positions for KL), through
+    :func:`casrap.measure.quality.score_profiles`.
     """
     done = {r["prompt_key"]: r for r in _read_rows(path)}  # the last row of a prompt wins (rows grow as profiles are added)
     analyzer = PromptAnalyzer(bank.model, tokenizer, max_tokens=config.analysis_tokens)
@@ -144,19 +145,12 @@ def quality_pass(bank: Any, tokenizer: Any, prompts: list[Prompt], profiles: lis
         else:
             answer = generate_timed(bank.model, tokenizer, ids, config.max_new_tokens, ignore_eos=True).token_ids
             previous, missing = None, list(profiles)
-        seq = torch.cat([ids[0], torch.tensor(answer, dtype=ids.dtype, device=device)]).unsqueeze(0)
-        start = ids.shape[1] - 1
-        targets = seq[0, ids.shape[1]:]
-        full_lp = None
+        scores = score_profiles(bank, ids, torch.tensor(answer, dtype=ids.dtype, device=device),
+                                [FULL, *[p for p in missing if p != FULL]], FULL)
         ppl = dict(previous["ppl"]) if previous else {}
         kl = dict(previous["kl"]) if previous else {}
-        for name in [FULL, *[p for p in missing if p != FULL]]:
-            with bank.using(name):
-                lp = F.log_softmax(bank.model(seq, use_cache=False).logits.float()[0, start:-1], dim=-1)
-            if full_lp is None:
-                full_lp = lp
-            ppl[name] = float(torch.exp(-lp.gather(1, targets.unsqueeze(1)).mean()))
-            kl[name] = float((full_lp.exp() * (full_lp - lp)).sum(-1).mean().clamp_min(0.0))
+        for name, quality in scores.items():
+            ppl[name], kl[name] = quality.ppl, quality.kl
         row = {"prompt_id": prompt.id, "prompt_key": prompt.key, "split": prompt.split, "category": prompt.category,
                "prompt_tokens": features.tokens, "input_tokens": int(ids.shape[1]), "prompt_ppl": features.ppl,
                "answer": answer, "ppl": ppl, "kl": kl}
@@ -202,13 +196,13 @@ def timing_pass(router: Any, prompts: list[Prompt], profiles: list[str], config:
                 warm = analyzer.encode(block[0].text).to(device)
                 router.prepare()
                 for name in profiles:
-                    with bank.using(name):
-                        generate_timed(bank.model, tokenizer, warm, 4, ignore_eos=True)
+                    with bank.using(name):  # the profile's own generator (dense, compressed KV, prompt lookup)
+                        router.generator(name)(bank.model, tokenizer, warm, 4, ignore_eos=True)
                 warmed.add(level)
             for j, prompt in enumerate(todo):
                 ids = analyzer.encode(prompt.text).to(device)
                 context = router.prepare(force_probe=True)  # the context's observation: reading, threads, slowdown
-                analyzer._cache.pop(prompt.text, None)
+                analyzer.forget(prompt.text)
                 bank.activate(FULL)
                 t0 = time.perf_counter()
                 features = analyzer.analyze(prompt.text)  # the router's analysis, timed under this load and thread count
@@ -356,3 +350,28 @@ def seed_quality(source: str | Path, prompts: list[Prompt], profiles: list[str],
             _append(path, row)
             taken += 1
     return taken
+
+
+def record_replay(router: Any, prompts: list[Prompt], profiles: list[str], config: RecordConfig, work: Path, output: Path,
+                  model: str, levels: Any | None = None, progress: Progress | None = None) -> Path:
+    """Both passes, then the replay file: what ``casrap record`` runs, in one call.
+
+    ``levels`` switches the background load (None: record level ``"0"`` as the machine is,
+    e.g. live ``casrap test``); ``work`` holds the resumable per-pass files. Progress counts
+    quality prompts, then timed (prompt, load, profile) runs.
+    """
+    from casrap.envs.replay import write_replay
+
+    work.mkdir(parents=True, exist_ok=True)
+    bank = router.bank
+    total = len(prompts) + len(config.loads) * len(prompts) * len(profiles)
+    started = time.perf_counter()
+    quality = quality_pass(bank, router.tokenizer, prompts, profiles, config, work / "quality.jsonl",
+                           progress=(lambda i, n: progress(i, total)) if progress else None)
+    durations = {"quality_s": time.perf_counter() - started}
+    t0 = time.perf_counter()
+    timing = timing_pass(router, timing_order(prompts), profiles, config, work / "timing.jsonl", levels,
+                         progress=(lambda i, n: progress(len(prompts) + i, total)) if progress else None)
+    durations["timing_s_this_run"] = time.perf_counter() - t0
+    header = recording_header(model, bank, profiles, config, quality, timing, durations, router.threads.key())
+    return write_replay(output, header, build_records(quality, timing, profiles, config))

@@ -1,7 +1,8 @@
 """Recorded measurements and ``casrap/PruningReplay-v0``, which serves them.
 
 Format (JSONL): the first line is a header
-``{"format": "casrap-replay/2", "model", "profiles", "max_new_tokens", "machine", ...}``
+``{"format": "casrap-replay/2", "observation": {"version", "features"}, "model", "profiles",
+"max_new_tokens", "machine", ...}``
 (``casrap record`` adds versions, load levels, how each figure was obtained and the
 latency models' errors); every other line is one profile on one prompt under one
 load level: ``prompt_id``, ``load`` (background workers), ``profile``, ``latency_s``
@@ -12,6 +13,15 @@ as multiples of it), ``ppl``/``kl`` (teacher-forced on the full model's answer,
 load-independent), the telemetry read just before the decision, and ``split``. A
 *context* is one (prompt, load) pair; the replay env needs every profile in each
 context it serves.
+
+A record stores the context's raw features (telemetry, prompt length and perplexity,
+slowdown, thread share), not an observation vector: each episode's observation is built
+from them by :meth:`casrap.decide.router.Router.observe` with that episode's latency
+target, exactly as the runtime builds it. The header names the observation spec it was
+recorded for (:data:`casrap.decide.observation.OBSERVATION_VERSION`); a file recorded
+for another spec is refused in one line (its records lack, or mean something else by,
+the features this spec needs). Files written before the header carried the spec are read
+as the current spec.
 """
 
 from __future__ import annotations
@@ -27,11 +37,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from casrap.decide.observation import OBSERVATION_VERSION
+from casrap.decide.router import Router
 from casrap.envs.config import OBSERVATION_FEATURES
-from casrap.decide.observation import OBSERVATION_FEATURES as _FEATURES
-from casrap.decide.observation import observation_vector
-
-TARGET_INDEX = _FEATURES.index("latency_target")
 from casrap.envs.rewards import RewardConfig, RewardInput, compute_reward, reward_config
 from casrap.errors import InputError
 
@@ -53,7 +61,7 @@ class ReplayTable:
     splits: np.ndarray  # [C] str
     prompt_keys: np.ndarray  # [C] str: text keys of the prompts (``Prompt.key``), to check train/test overlap
     categories: np.ndarray  # [C] str
-    base_obs: np.ndarray  # [C, F] normalised features; the latency target is set per episode
+    contexts: list[dict[str, Any]]  # [C] raw features of each context (Router.observe's arguments but the target)
     latency: np.ndarray  # [C, A] seconds, including router overhead
     baseline_latency: np.ndarray  # [C]
     ppl: np.ndarray  # [C, A] teacher-forced ppl of the full model's answer
@@ -61,6 +69,16 @@ class ReplayTable:
     kl: np.ndarray  # [C, A]
     predicted_full: np.ndarray | None = None  # [C] unloaded full-model latency predicted for the prompt (targets scale it)
     measured: np.ndarray | None = None  # [C, A] bool: latency measured (True) or modelled
+
+    def observation(self, context: int, budget_ratio: float = float("inf")) -> np.ndarray:
+        """Context ``context``'s observation with latency target ``budget_ratio`` (Router.observe)."""
+        c = self.contexts[context]
+        return Router.observe(c["telemetry"], c["prompt_tokens"], c["prompt_ppl"], budget_ratio, c["slowdown"], c["thread_share"])
+
+    @property
+    def base_obs(self) -> np.ndarray:
+        """[C, F] every context's observation without a latency target."""
+        return np.array([self.observation(c) for c in range(len(self.contexts))], dtype=np.float32).reshape(-1, len(OBSERVATION_FEATURES))
 
     @property
     def loads(self) -> np.ndarray:
@@ -78,7 +96,7 @@ class ReplayTable:
             raise InputError(f"replay file has no {split!r} contexts")
         return ReplayTable(
             self.header, self.profiles, [c for c, k in zip(self.context_ids, keep) if k], self.splits[keep], self.prompt_keys[keep],
-            self.categories[keep], self.base_obs[keep], self.latency[keep], self.baseline_latency[keep],
+            self.categories[keep], [c for c, k in zip(self.contexts, keep) if k], self.latency[keep], self.baseline_latency[keep],
             self.ppl[keep], self.baseline_ppl[keep], self.kl[keep],
             None if self.predicted_full is None else self.predicted_full[keep],
             None if self.measured is None else self.measured[keep],
@@ -88,7 +106,8 @@ class ReplayTable:
 def write_replay(path: Path, header: dict[str, Any], records: Iterable[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"format": REPLAY_FORMAT, **header}) + "\n")
+        spec = {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
+        handle.write(json.dumps({"format": REPLAY_FORMAT, **header, "observation": spec}) + "\n")
         for record in records:
             handle.write(json.dumps(record, default=float) + "\n")
     return path
@@ -115,7 +134,11 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         raise InputError(f"{source}:1: not a casrap replay file (expected format {REPLAY_FORMAT})")
     missing = [key for key in ("profiles",) if key not in header]
     if missing or not isinstance(header.get("profiles"), list) or not header["profiles"]:
-        raise InputError(f"{source}:1: replay header lacks {missing or ['profiles']} (write it with `casrap collect`)")
+        raise InputError(f"{source}:1: replay header lacks {missing or ['profiles']} (write it with `casrap record`)")
+    spec = header.get("observation") or {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
+    if spec.get("version") != OBSERVATION_VERSION or list(spec.get("features", [])) != list(OBSERVATION_FEATURES):
+        raise InputError(f"{source}:1: recorded for observation spec v{spec.get('version')}, this casrap builds "
+                         f"v{OBSERVATION_VERSION}: re-record it with `casrap record`")
     profiles = list(header["profiles"])
     contexts: dict[str, dict[str, Any]] = {}
     for number, line in enumerate(lines[1:], start=2):
@@ -137,9 +160,8 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
     for key in keys:
         first = complete[key]["first"]
         tokens = first.get("input_tokens", first["prompt_tokens"])  # the templated prompt, as the Router counts it
-        base_obs.append(observation_vector(first["telemetry"], tokens, first["prompt_ppl"], 0.0,
-                                           slowdown=float(first.get("slowdown", 1.0)),
-                                           thread_share=float(first.get("thread_share", 1.0))))
+        base_obs.append({"telemetry": first["telemetry"], "prompt_tokens": tokens, "prompt_ppl": first["prompt_ppl"],
+                         "slowdown": float(first.get("slowdown", 1.0)), "thread_share": float(first.get("thread_share", 1.0))})
         rows = [complete[key]["by_profile"][p] for p in profiles]
         pfull.append(first.get("predicted_full_s"))
         measured.append([r.get("latency_source", "measured") == "measured" for r in rows])
@@ -153,7 +175,7 @@ def load_replay(source: str | Path = BUNDLED_REPLAY) -> ReplayTable:
         cats.append(first.get("category", ""))
     has_prediction = all(v is not None for v in pfull)
     return ReplayTable(
-        header, profiles, keys, np.array(splits), np.array(pkeys), np.array(cats), np.array(base_obs, dtype=np.float32),
+        header, profiles, keys, np.array(splits), np.array(pkeys), np.array(cats), base_obs,
         np.array(lat), np.array(blat), np.array(ppl), np.array(bppl), np.array(kl),
         np.array(pfull, dtype=float) if has_prediction else None, np.array(measured, dtype=bool),
     )
@@ -211,9 +233,7 @@ class PruningReplayEnv(gym.Env):
             self._budget_ratio = float(self.np_random.uniform(lo, hi)) if budget_ratio is None else float(budget_ratio)
         else:
             self._budget_ratio = float("inf")
-        target_feature = observation_vector({}, 0, 0.0, self._budget_ratio)[TARGET_INDEX]
-        self._obs = self.table.base_obs[self._context].astype(np.float32).copy()
-        self._obs[TARGET_INDEX] = np.float32(target_feature)
+        self._obs = self.table.observation(self._context, self._budget_ratio)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)

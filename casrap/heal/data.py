@@ -182,6 +182,20 @@ class TeacherTargets:
         return int(self.indices.shape[-1])
 
 
+def healing_blocks(lm: Any, model_key: str, cfg: Any, progress: Callable[[str, int, int, float], None] | None = None) -> torch.Tensor:
+    """The healing text of ``cfg`` (:func:`healing_texts`) cut into ``cfg.seq_len``-token blocks;
+    one-line error when there are fewer blocks than a batch. ``progress`` gets the "sampling" stage."""
+    from casrap.errors import InputError
+
+    texts = healing_texts(lm.model, lm.tokenizer, model_key, samples=cfg.samples, new_tokens=cfg.sample_tokens,
+                          seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
+                          continuations=cfg.continuations)
+    blocks = token_blocks(lm.tokenizer, texts, cfg.seq_len)
+    if len(blocks) < cfg.batch:
+        raise InputError(f"only {len(blocks)} healing blocks of {cfg.seq_len} tokens; lower --batch or raise the samples")
+    return blocks
+
+
 def blocks_digest(blocks: torch.Tensor) -> str:
     """A short content hash of the token blocks (the teacher cache's key with the model)."""
     return hashlib.sha256(blocks.to(torch.int64).numpy().tobytes() + str(list(blocks.shape)).encode()).hexdigest()[:16]

@@ -15,7 +15,8 @@ from casrap.errors import InputError
 
 import torch
 
-from casrap.measure.perplexity import mean_kl, perplexity
+from casrap.measure.perplexity import mean_kl, next_token_logits, perplexity
+from casrap.profiles.catalogue import FULL
 
 
 @dataclass
@@ -29,34 +30,21 @@ class ProfileQuality:
 
 def test_ids(tokenizer: Any, max_tokens: int | None = None) -> tuple[torch.Tensor, str]:
     """Token ids of the test third of the bundled prose, and its name."""
-    from casrap.measure.corpus import prose_split
-
-    corpus = prose_split("test")
-    ids = tokenizer(corpus.text, return_tensors="pt").input_ids[0]
-    return (ids[:max_tokens] if max_tokens else ids), corpus.name
+    return split_ids(tokenizer, "test", max_tokens)
 
 
 @torch.inference_mode()
 def profile_quality(bank: Any, names: list[str], ids: torch.Tensor, corpus: str, window: int = 512) -> list[ProfileQuality]:
     """Sliding-window perplexity and mean KL(full || profile) over non-overlapping windows."""
-    device = next(bank.model.parameters()).device
     chunks = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
-    previous = bank.active
-    bank.activate("none")
-    reference = [bank.model(c.unsqueeze(0).to(device), use_cache=False).logits.float()[0] for c in chunks]
+    with bank.using(FULL):
+        reference = [next_token_logits(bank.model, c.unsqueeze(0)) for c in chunks]
     results = []
-    try:
-        for name in names:
-            bank.activate(name)
+    for name in names:
+        with bank.using(name):
             ppl = perplexity(bank.model, ids, window=window, stride=window // 2, corpus=corpus)
-            kls, counts = [], []
-            for chunk, ref in zip(chunks, reference):
-                logits = bank.model(chunk.unsqueeze(0).to(device), use_cache=False).logits.float()[0]
-                kls.append(mean_kl(ref, logits) * len(chunk))
-                counts.append(len(chunk))
-            results.append(ProfileQuality(name, ppl.ppl, sum(kls) / sum(counts), ppl.tokens, corpus))
-    finally:
-        bank.activate(previous)
+            kls = [mean_kl(ref, next_token_logits(bank.model, chunk.unsqueeze(0))) * len(chunk) for chunk, ref in zip(chunks, reference)]
+        results.append(ProfileQuality(name, ppl.ppl, sum(kls) / sum(len(c) for c in chunks), ppl.tokens, corpus))
     return results
 
 
@@ -141,35 +129,72 @@ def heal_selected(
     adapter_dir, cfg, result)`` makes the ``NAME+heal`` plan
     (:func:`casrap.heal.runner.healed_plan`; passed in because the runner imports this module).
     """
-    import shutil
     import time
     from dataclasses import replace
     from pathlib import Path
 
-    from casrap.errors import InputError
-    from casrap.heal.data import healing_texts, teacher_targets, token_blocks
-    from casrap.heal.train import heal_profile, targets_for_plan
+    from casrap.heal.data import healing_blocks, teacher_targets
+    from casrap.heal.train import targets_for_plan
 
     began = time.perf_counter()
     plan = healable_plan(bank, name)
     cfg = replace(cfg, targets=list(cfg.targets) or targets_for_plan(plan))
-    texts = healing_texts(lm.model, lm.tokenizer, bank.fingerprint, samples=cfg.samples, new_tokens=cfg.sample_tokens,
-                          seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
-                          continuations=cfg.continuations)
-    blocks = token_blocks(lm.tokenizer, texts, cfg.seq_len)
-    if len(blocks) < cfg.batch:
-        raise InputError(f"only {len(blocks)} healing blocks of {cfg.seq_len} tokens; lower --batch or raise the samples")
+    blocks = healing_blocks(lm, bank.fingerprint, cfg, progress)
     teacher = None
     if cfg.topk:
-        with bank.using("none"):
+        with bank.using(FULL):
             teacher = teacher_targets(bank.model, blocks, bank.fingerprint, k=cfg.topk,
                                       progress=(lambda i, n: progress("teacher", i, n, 0.0)) if progress else None)
-    grid = select or {}
+    output = Path(output)
+    candidates, healed_name = _train_candidates(bank, name, plan, blocks, teacher, cfg, select or {}, output, healed_plan, progress)
+    val, val_corpus, shipped_val = _validate(bank, lm, name, candidates, healed_name)
+    best = min(candidates, key=lambda c: c.validation_ppl)
+    final = _keep_best(bank, plan, cfg, candidates, best, output, healed_plan)
+    final.meta["heal"]["data"] = (f"calibration text + {cfg.samples} full-model answers to train-split prompts + "
+                                  f"{cfg.continuations} full-model continuations of calibration sentences")
+    final.meta["heal"]["selected_on"] = val_corpus
+    final.meta["heal"]["candidates"] = [{"lr": c.lr, "steps": c.steps, "validation_ppl": round(c.validation_ppl, 3)} for c in candidates]
+    plan_path = final.save(output / f"{final.name}.json")
+    test_ids_, test_corpus = split_ids(lm.tokenizer, "test")
+    test = profile_quality(bank, [FULL, name, final.name], test_ids_, test_corpus)
+    best_val = next(q for q in val if q.name == best.name)
+    return {
+        "plan": str(plan_path), "adapter": str(Path(final.meta["adapter"])), "profile": name, "targets": cfg.targets,
+        "lr": best.lr, "steps": best.steps, "train_s": best.result.train_s, "tokens_seen": best.result.tokens_seen,
+        "resumed_from": best.result.resumed_from, "trainable_parameters": best.result.trainable_parameters,
+        "loss_first": best.result.losses[0] if best.result.losses else None,
+        "loss_last": best.result.losses[-1] if best.result.losses else None,
+        "healing_blocks": len(blocks), "teacher_topk": cfg.topk, "teacher_cache": str(teacher.path) if teacher and teacher.path else None,
+        "candidates": [{"lr": c.lr, "steps": c.steps, "validation_ppl": c.validation_ppl, "validation_gap_recovered": c.validation_gap,
+                        "train_s": c.result.train_s} for c in candidates],
+        "quality": {
+            "validation": {q.name if q.name != best.name else final.name: _quality_row(q) for q in (val[0], val[1], best_val)},
+            "test": {q.name: _quality_row(q) for q in test},
+        },
+        "gap_recovered": {"validation": best.validation_gap, "test": gap_recovered(test[0].ppl, test[1].ppl, test[2].ppl)},
+        "shipped_validation_ppl": shipped_val.ppl if shipped_val else None,
+        "better_than_shipped": (best.validation_ppl < shipped_val.ppl) if shipped_val else None,
+        "memory_overhead_mb": bank.memory_overhead_bytes(final.name) / 2**20,
+        "wall_s": time.perf_counter() - began,
+    }
+
+
+def _quality_row(q: ProfileQuality) -> dict[str, Any]:
+    return {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus}
+
+
+def _train_candidates(bank: Any, name: str, plan: Any, blocks: torch.Tensor, teacher: Any, cfg: Any, grid: dict[str, list[float]],
+                      output: Any, healed_plan: Any, progress: Any) -> tuple[list[Candidate], str]:
+    """One healing run per (lr, steps) of ``grid``, each added to the bank; the candidates and the healed name."""
+    from dataclasses import replace
+
+    from casrap.heal.train import heal_profile
+
     lrs = grid.get("lr") or [cfg.lr]
     steps_list = [int(s) for s in grid.get("steps") or [cfg.steps]]
-    output = Path(output)
     sweep = len(lrs) * len(steps_list) > 1
     candidates: list[Candidate] = []
+    healed_name = ""
     for lr in lrs:
         for steps in steps_list:
             c_cfg = replace(cfg, lr=lr, steps=steps)
@@ -186,62 +211,47 @@ def heal_selected(
         if c.name in bank.names:
             bank.remove(c.name)
         bank.add(c.plan)
+    return candidates, healed_name
+
+
+def _validate(bank: Any, lm: Any, name: str, candidates: list[Candidate], healed_name: str) -> tuple[list[ProfileQuality], str, ProfileQuality | None]:
+    """Full, pruned and every candidate (and the shipped adapter, if one ships) on the validation prose."""
     shipped = _shipped_healed(bank, healed_name)  # the adapter a new one must beat to replace it
     val_ids, val_corpus = split_ids(lm.tokenizer, "validation")
-    val = profile_quality(bank, ["none", name, *[c.name for c in candidates], *([shipped] if shipped else [])], val_ids, val_corpus)
+    val = profile_quality(bank, [FULL, name, *[c.name for c in candidates], *([shipped] if shipped else [])], val_ids, val_corpus)
     shipped_val = val.pop() if shipped else None
     if shipped:
         bank.remove(shipped)
     for c, q in zip(candidates, val[2:]):
         c.validation_ppl, c.validation_gap = q.ppl, gap_recovered(val[0].ppl, val[1].ppl, q.ppl)
-    best = min(candidates, key=lambda c: c.validation_ppl)
-    final = best.plan
-    if sweep:
-        adapter_dir = output / "adapter"
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        shutil.copytree(best.result.adapter_dir, adapter_dir)
-        final = healed_plan(plan, str(adapter_dir.resolve()), replace(cfg, lr=best.lr, steps=best.steps), best.result)
-        for c in candidates:
-            bank.remove(c.name)
-        if final.name in bank.names:
-            bank.remove(final.name)
-        bank.add(final)
-    final.meta["heal"]["data"] = (f"calibration text + {cfg.samples} full-model answers to train-split prompts + "
-                                  f"{cfg.continuations} full-model continuations of calibration sentences")
-    final.meta["heal"]["selected_on"] = val_corpus
-    final.meta["heal"]["candidates"] = [{"lr": c.lr, "steps": c.steps, "validation_ppl": round(c.validation_ppl, 3)} for c in candidates]
-    plan_path = final.save(output / f"{final.name}.json")
-    test_ids_, test_corpus = split_ids(lm.tokenizer, "test")
-    test = profile_quality(bank, ["none", name, final.name], test_ids_, test_corpus)
-    best_val = next(q for q in val if q.name == best.name)
-    return {
-        "plan": str(plan_path), "adapter": str(Path(final.meta["adapter"])), "profile": name, "targets": cfg.targets,
-        "lr": best.lr, "steps": best.steps, "train_s": best.result.train_s, "tokens_seen": best.result.tokens_seen,
-        "resumed_from": best.result.resumed_from, "trainable_parameters": best.result.trainable_parameters,
-        "loss_first": best.result.losses[0] if best.result.losses else None,
-        "loss_last": best.result.losses[-1] if best.result.losses else None,
-        "healing_blocks": len(blocks), "teacher_topk": cfg.topk, "teacher_cache": str(teacher.path) if teacher and teacher.path else None,
-        "candidates": [{"lr": c.lr, "steps": c.steps, "validation_ppl": c.validation_ppl, "validation_gap_recovered": c.validation_gap,
-                        "train_s": c.result.train_s} for c in candidates],
-        "quality": {
-            "validation": {q.name if q.name != best.name else final.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus}
-                           for q in (val[0], val[1], best_val)},
-            "test": {q.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus} for q in test},
-        },
-        "gap_recovered": {"validation": best.validation_gap, "test": gap_recovered(test[0].ppl, test[1].ppl, test[2].ppl)},
-        "shipped_validation_ppl": shipped_val.ppl if shipped_val else None,
-        "better_than_shipped": (best.validation_ppl < shipped_val.ppl) if shipped_val else None,
-        "memory_overhead_mb": bank.memory_overhead_bytes(final.name) / 2**20,
-        "wall_s": time.perf_counter() - began,
-    }
+    return val, val_corpus, shipped_val
+
+
+def _keep_best(bank: Any, plan: Any, cfg: Any, candidates: list[Candidate], best: Candidate, output: Any, healed_plan: Any) -> Any:
+    """The winner's plan; after a sweep its adapter is copied to ``output/adapter`` and only it stays in the bank."""
+    import shutil
+    from dataclasses import replace
+
+    if len(candidates) == 1:
+        return best.plan
+    adapter_dir = output / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(best.result.adapter_dir, adapter_dir)
+    final = healed_plan(plan, str(adapter_dir.resolve()), replace(cfg, lr=best.lr, steps=best.steps), best.result)
+    for c in candidates:
+        bank.remove(c.name)
+    if final.name in bank.names:
+        bank.remove(final.name)
+    bank.add(final)
+    return final
 
 
 def healable_plan(bank: Any, name: str) -> Any:
     """The plan of profile ``name`` if healing applies to it; one-line error otherwise."""
     from casrap.pruners.sparse24 import sparse24_layers
 
-    if name == "none":
+    if name == FULL:
         raise InputError("the full model has nothing to heal; give a pruned profile (layers-25, ffn-25, a plan .json)")
     plan = bank.profile(name).plan
     if plan.functional or plan.ranks or sparse24_layers(plan):

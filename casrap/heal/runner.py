@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from casrap.profiles.catalogue import FULL
 from casrap.errors import InputError
 from casrap.heal.train import HealConfig, HealResult, heal_profile
 from casrap.profiles.plan import PruningPlan
@@ -82,17 +83,11 @@ def heal(
     ("healing") steps. With ``evaluate`` the healed plan is added to the bank and
     perplexity / KL of full, pruned and healed on test prose are returned.
     """
-    from casrap.heal.data import healing_texts, token_blocks
-
+    from casrap.heal.data import healing_blocks
     from casrap.heal.evaluate import healable_plan
 
     plan = healable_plan(bank, name)
-    texts = healing_texts(lm.model, lm.tokenizer, bank.fingerprint, samples=cfg.samples, new_tokens=cfg.sample_tokens,
-                          seed=cfg.seed, progress=(lambda i, n: progress("sampling", i, n, 0.0)) if progress else None,
-                          continuations=cfg.continuations)
-    blocks = token_blocks(lm.tokenizer, texts, cfg.seq_len)
-    if len(blocks) < cfg.batch:
-        raise InputError(f"only {len(blocks)} healing blocks of {cfg.seq_len} tokens; lower --batch or raise the samples")
+    blocks = healing_blocks(lm, bank.fingerprint, cfg, progress)
     output = Path(output)
     result = heal_profile(bank, name, blocks, output, cfg,
                           progress=(lambda s, n, loss: progress("healing", s, n, loss)) if progress else None)
@@ -106,7 +101,7 @@ def heal(
             bank.remove(healed.name)
         bank.add(healed)
         ids, corpus = test_ids(lm.tokenizer)
-        quality = profile_quality(bank, ["none", name, healed.name], ids, corpus)
+        quality = profile_quality(bank, [FULL, name, healed.name], ids, corpus)
         report.quality = {q.name: {"ppl": q.ppl, "kl": q.kl, "tokens": q.tokens, "corpus": q.corpus} for q in quality}
         report.gap_recovered = gap_recovered(quality[0].ppl, quality[1].ppl, quality[2].ppl)
         report.memory_overhead_mb = bank.memory_overhead_bytes(healed.name) / 2**20

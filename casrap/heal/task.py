@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from casrap.profiles.catalogue import FULL
 from casrap.heal.train import HealConfig, _lr_at, save_in_plan_order, standalone_student
 
 
@@ -117,12 +118,12 @@ def tune_for_task(
     output.mkdir(parents=True, exist_ok=True)
     scores: dict[str, float] = {}
     seconds: dict[str, float] = {}
-    with bank.using("none"):
+    with bank.using(FULL):
         scores["full"] = _auroc(bank.model, test)
     with bank.using(name):
         scores["pruned"] = _auroc(bank.model, test)
     adapter_dir = output / "adapter"
-    for label, profile, folder in (("full_tuned", "none", output / "full-adapter"), ("pruned_tuned", name, adapter_dir)):
+    for label, profile, folder in (("full_tuned", FULL, output / "full-adapter"), ("pruned_tuned", name, adapter_dir)):
         tuned, seconds[label] = _tune(standalone_student(bank, profile), train, cfg,
                                       (lambda s, n, loss, lab=label: progress(f"tuning {lab}", s, n, loss)) if progress else None)
         scores[label] = _auroc(tuned, test)

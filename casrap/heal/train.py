@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from casrap.profiles.catalogue import FULL
 from casrap.errors import InputError, UnsupportedModelError
 from casrap.profiles.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -219,41 +220,19 @@ def heal_profile(
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(math.ceil(cfg.steps * cfg.batch / max(1, len(blocks))) + 1)])
-    start_step, losses = 0, []
     ckpt = output / CHECKPOINT
     settings = {k: v for k, v in asdict(cfg).items() if k not in {"steps", "save_every"}}
-    state = _read_checkpoint(ckpt) if ckpt.is_file() else None
-    if state is not None:
-        if state.get("settings") == settings and state.get("blocks") == list(blocks.shape):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(peft_model, state["lora"])
-            optimiser.load_state_dict(state["optimiser"])
-            start_step, losses = int(state["step"]), list(state["losses"])
-            log.info("resuming healing at step %d", start_step)
-        else:
-            log.warning("ignoring %s: it was written with other settings", ckpt)
+    start_step, losses = _resume(ckpt, settings, blocks, peft_model, optimiser)
     teacher = bank.model
     device = next(teacher.parameters()).device
     began = time.perf_counter()
-    bank.activate("none")
+    bank.activate(FULL)
     step = start_step
     for step in range(start_step, cfg.steps):
         picked = order[step * cfg.batch:(step + 1) * cfg.batch]
-        ids = blocks[picked].to(device)
-        teacher_logits = None
-        if teacher_targets is None:
-            with torch.no_grad():
-                teacher_logits = teacher(ids, use_cache=False).logits
         for group in optimiser.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        logits = peft_model(input_ids=ids, use_cache=False).logits
-        if teacher_logits is None:
-            loss = topk_distill_loss(logits, teacher_targets.logprobs[picked].to(device), teacher_targets.indices[picked].to(device))
-            if cfg.lm_weight:
-                loss = loss + cfg.lm_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        else:
-            loss = distill_loss(logits, teacher_logits, ids, cfg.lm_weight)
+        loss = _batch_loss(peft_model, teacher, blocks, picked, teacher_targets, cfg.lm_weight, device)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -269,6 +248,37 @@ def heal_profile(
     ckpt.unlink(missing_ok=True)
     return HealResult(adapter_dir, cfg.steps, train_s, losses, sum(p.numel() for p in params),
                       (cfg.steps - start_step) * cfg.batch * blocks.shape[1], start_step)
+
+
+def _resume(ckpt: Path, settings: dict[str, Any], blocks: torch.Tensor, peft_model: Any, optimiser: Any) -> tuple[int, list[float]]:
+    """Load a resume checkpoint written with the same settings and blocks: (first step, losses so far)."""
+    state = _read_checkpoint(ckpt) if ckpt.is_file() else None
+    if state is None:
+        return 0, []
+    if state.get("settings") != settings or state.get("blocks") != list(blocks.shape):
+        log.warning("ignoring %s: it was written with other settings", ckpt)
+        return 0, []
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, state["lora"])
+    optimiser.load_state_dict(state["optimiser"])
+    log.info("resuming healing at step %d", int(state["step"]))
+    return int(state["step"]), list(state["losses"])
+
+
+def _batch_loss(student: Any, teacher: Any, blocks: torch.Tensor, picked: torch.Tensor, teacher_targets: Any, lm_weight: float,
+                device: Any) -> torch.Tensor:
+    """Distillation loss of one batch: against the teacher's cached top-k, or its live forward pass."""
+    ids = blocks[picked].to(device)
+    if teacher_targets is None:
+        with torch.no_grad():
+            teacher_logits = teacher(ids, use_cache=False).logits
+        return distill_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, ids, lm_weight)
+    logits = student(input_ids=ids, use_cache=False).logits
+    loss = topk_distill_loss(logits, teacher_targets.logprobs[picked].to(device), teacher_targets.indices[picked].to(device))
+    if lm_weight:
+        loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return loss
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -17,13 +17,11 @@ from casrap.measure.timing import (
     check_prompt_fits,
     compare_interleaved,
     generate_fixed,
-    time_generation,
-    timed_generate,
 )
 
 __all__ = [
     "Corpus", "load_corpus", "offline_corpus", "Divergence", "PerplexityResult", "divergence",
     "mean_kl", "next_token_logits", "perplexity", "teacher_forced_ppl", "text_perplexity",
     "GenerationTiming", "InterleavedComparison", "check_prompt_fits", "compare_interleaved",
-    "generate_fixed", "time_generation", "timed_generate",
+    "generate_fixed",
 ]

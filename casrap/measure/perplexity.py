@@ -84,12 +84,31 @@ def next_token_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids.to(_device_of(model)), use_cache=False).logits.float()[0]
 
 
+def kl_from_log_probs(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || candidate), both [T, V] log-probabilities.
+
+    The one place casrap writes the KL formula; clamped at 0 (float summation can read
+    a hair below it for identical distributions). The mean of no positions is nan.
+    """
+    kl = (reference.exp() * (reference - candidate)).sum(dim=-1)
+    return float(kl.mean().clamp_min(0.0))
+
+
 def mean_kl(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> float:
     """Mean over positions of KL(reference || candidate) of next-token distributions."""
-    ref = F.log_softmax(reference_logits.float(), dim=-1)
-    cand = F.log_softmax(candidate_logits.float(), dim=-1)
-    kl = (ref.exp() * (ref - cand)).sum(dim=-1)
-    return float(kl.mean().clamp_min(0.0))
+    return kl_from_log_probs(F.log_softmax(reference_logits.float(), dim=-1), F.log_softmax(candidate_logits.float(), dim=-1))
+
+
+def perplexity_ci95(nll: torch.Tensor | Any) -> tuple[float, float]:
+    """95% interval of a perplexity from its per-token negative log-likelihoods.
+
+    Normal interval of the mean NLL (sample standard deviation), exponentiated: the
+    interval is asymmetric around the perplexity, as the perplexity's own spread is.
+    """
+    values = torch.as_tensor(nll, dtype=torch.float64).reshape(-1)
+    mean = float(values.mean())
+    se = float(values.std() / math.sqrt(values.numel()))
+    return math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)
 
 
 @torch.inference_mode()

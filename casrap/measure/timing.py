@@ -1,9 +1,10 @@
 """Generation timing by the project's protocol.
 
 Warm-up first; a fixed number of new tokens with EOS ignored; several repetitions,
-median; time to first token (prefill + one token) measured separately from the
-per-token decode time; variants compared in interleaved pairs (A B A B) with the
-ratio taken per pair, so drift in machine load hits both sides equally.
+median; variants compared in interleaved pairs (A B A B) with the ratio taken per pair,
+so drift in machine load hits both sides equally. Generations themselves are timed by
+one clock, the Router's per-token one (:func:`casrap.decide.generation.generate_timed`;
+:func:`casrap.bench.router_timing` for a model's TTFT and decode step).
 """
 
 from __future__ import annotations
@@ -67,50 +68,6 @@ def generate_fixed(model: Any, input_ids: torch.Tensor, new_tokens: int, pad_tok
         pad_token_id=pad_token_id if pad_token_id is not None else 0,
         eos_token_id=None,
         **generate_kwargs,
-    )
-
-
-def timed_generate(
-    model: Any, input_ids: torch.Tensor, new_tokens: int, clock: Clock = time.perf_counter, pad_token_id: int | None = None,
-    **generate_kwargs: Any,
-) -> tuple[float, torch.Tensor]:
-    """One timed greedy generation; returns (seconds, output ids)."""
-    device = next(model.parameters()).device
-    _sync(device)
-    start = clock()
-    out = generate_fixed(model, input_ids, new_tokens, pad_token_id, **generate_kwargs)
-    _sync(device)
-    return clock() - start, out
-
-
-def time_generation(
-    model: Any,
-    input_ids: torch.Tensor,
-    new_tokens: int = 32,
-    repetitions: int = 3,
-    warmup: int = 1,
-    clock: Clock = time.perf_counter,
-) -> GenerationTiming:
-    """Median time to first token, total time and decode ms/token over repetitions."""
-    if new_tokens < 2:
-        raise InputError("timing needs at least 2 new tokens to separate prefill from decode")
-    check_prompt_fits(model, int(input_ids.shape[-1]), new_tokens)
-    for _ in range(warmup):
-        timed_generate(model, input_ids, new_tokens, clock)
-    ttfts, totals = [], []
-    for _ in range(repetitions):
-        ttfts.append(timed_generate(model, input_ids, 1, clock)[0])
-        totals.append(timed_generate(model, input_ids, new_tokens, clock)[0])
-    ttft = statistics.median(ttfts)
-    total = statistics.median(totals)
-    decode = max(total - ttft, 0.0) / (new_tokens - 1)
-    return GenerationTiming(
-        ttft_s=ttft,
-        total_s=total,
-        decode_ms_per_token=1000.0 * decode,
-        tokens_per_s=new_tokens / total if total > 0 else float("inf"),
-        new_tokens=new_tokens,
-        repetitions=repetitions,
     )
 
 

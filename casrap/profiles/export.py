@@ -23,6 +23,8 @@ def export_blocker(bank: ProfileBank, name: str) -> str | None:
         return "functional (masked) profiles have no smaller shape to export; use a structural profile"
     if plan.ranks:
         return "low-rank (factorised) projections have no LlamaConfig form; keep it as a plan JSON"
+    if getattr(plan, "quant", None):
+        return f"{plan.quant} (packed) profiles have no plain-checkpoint form; export the structural plan, keep the plan JSON"
     layers = bank.profile(name).layers
     widths = {layer.mlp.gate_proj.out_features for layer in layers}
     if len(widths) > 1:

@@ -34,6 +34,8 @@ class PruningPlan:
             and a rank that would not reduce parameters also stays dense.
         functional: mask instead of slice (no shape change, no speedup; for comparison
             and search).
+        quant: ``""`` (weights in the model's dtype) or ``"int4"``: after slicing, every
+            kept decoder projection is packed to int4 weights (:mod:`casrap.pruners.quantize`).
         meta: free-form provenance (intensity, importance source, search run...).
         fingerprint: :func:`casrap.pruners.importance.model_key` of the base model the
             indices refer to; a bank refuses a plan made for another model.
@@ -50,17 +52,21 @@ class PruningPlan:
     skip_layers: list[int] = field(default_factory=list)
     ranks: dict[int, dict[str, int]] = field(default_factory=dict)
     functional: bool = False
+    quant: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     source: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_identity(self) -> bool:
+        """No structural change (an ``int4`` plan on the full model is still identity here)."""
         return not (self.heads or self.ffn or self.skip_layers or self.ranks)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("source", None)
+        if not self.quant:  # plans without it serialise exactly as before the field existed
+            data.pop("quant", None)
         data["format"] = PLAN_FORMAT
         data["heads"] = {str(k): v for k, v in self.heads.items()}
         data["ffn"] = {str(k): v for k, v in self.ffn.items()}
@@ -81,6 +87,7 @@ class PruningPlan:
                 skip_layers=sorted(map(int, data.get("skip_layers", []))),
                 ranks={int(k): {str(n): int(r) for n, r in v.items()} for k, v in data.get("ranks", {}).items()},
                 functional=bool(data.get("functional", False)),
+                quant=str(data.get("quant", "") or ""),
                 meta=dict(data.get("meta", {})),
                 fingerprint=str(data.get("fingerprint", "")),
             )
@@ -130,6 +137,13 @@ class PruningPlan:
                 raise CheckpointError(f"{where}: layer {layer} ranks {bad} must name one of {', '.join(MATRICES)} with rank >= 1")
         if len(set(self.skip_layers)) >= layers:
             raise CheckpointError(f"{where}: skips every layer")
+        if self.quant:
+            from casrap.pruners.quantize import QUANT_KINDS
+
+            if self.quant not in QUANT_KINDS:
+                raise CheckpointError(f"{where}: unknown quantisation {self.quant!r} (known: {', '.join(QUANT_KINDS)})")
+            if self.functional or self.ranks:
+                raise CheckpointError(f"{where}: {self.quant} packs structural head/FFN/layer plans only, not masked or low-rank ones")
 
     def save(self, path: Path) -> Path:
         """Write the JSON; an absolute adapter path inside the plan's folder is written

@@ -5,10 +5,15 @@
     answer = lm.generate("What is the capital of France?")
     answer.text, answer.record.profile, answer.record.latency_s
 
-One request runs on the bank at a time: a bank has one active profile, and a KV cache
-built under one profile is invalid under another, so requests pass a first-come-
-first-served gate (:class:`casrap.runtime.queueing.FifoGate`); the number waiting and
-the time a request waited enter its decision (see :mod:`casrap.decide.router`).
+A bank has one active profile, and a KV cache built under one profile is invalid under
+another. Concurrent requests that run the same profile decode together: a batching
+engine (:class:`casrap.runtime.queueing.BatchScheduler`, ``BatchConfig.max_batch``
+rows, default 8) lets them join and leave the running batch between decode steps;
+a request whose profile differs waits until the batch drains (``batch_mode="group"``).
+``max_batch=1`` runs one request at a time through a first-come-first-served gate
+(:class:`casrap.runtime.queueing.FifoGate`), as do compressed-KV (``kv-R``) profiles.
+Either way the number waiting and the time a request waited enter its decision (see
+:mod:`casrap.decide.router`).
 Without a latency target the bundle's default budget applies
 (``RuntimeDefaults.budget_ratio``); a request whose target already passed while it
 queued is answered by the fastest profile, and its record says so
@@ -33,12 +38,14 @@ from typing import Any
 
 import torch
 
-from casrap.decide.generation import Cancellation, StreamPiece, TokenLogprob
+from casrap.profiles.catalogue import FULL
+from casrap.decide.batching import BatchConfig
+from casrap.decide.generation import Cancellation, GenerationOutput, StreamPiece, TokenLogprob
 from casrap.decide.router import Decision, Router
 from casrap.errors import InputError
 from casrap.measure.timing import check_prompt_fits
 from casrap.runtime.bundle import PolicyBundle, RuntimeDefaults, load_bundle
-from casrap.runtime.queueing import FifoGate
+from casrap.runtime.queueing import BatchHooks, BatchJob, BatchScheduler, FifoGate
 
 Messages = list[dict[str, str]]
 
@@ -196,27 +203,41 @@ class GenerationStream:
 
 
 class AdaptiveLM:
-    """A model plus a policy bundle: per-request profile choice, timed, one request at a time."""
+    """A model plus a policy bundle: per-request profile choice, timed; same-profile requests batched.
+
+    ``batching``: :class:`~casrap.decide.batching.BatchConfig` (``max_batch=1``: one
+    request at a time). ``on_step``: called with each batched decode step's seconds
+    between two steps (a callable or an object with ``.step``, e.g. a thread governor).
+    """
 
     def __init__(self, router: Router, tokenizer: Any, model_name: str = "", bundle: PolicyBundle | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, batching: BatchConfig | None = None,
+                 on_step: Any = None) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.bundle = bundle
         self.clock = clock
+        self.batching = batching or BatchConfig()
         self._gate = FifoGate()
+        self._engine: BatchScheduler | None = None
+        if self.batching.max_batch > 1:
+            hooks = BatchHooks(decide=self._decide_job, batchable=self._batchable,
+                               run_solo=self._run_solo, cancelled=RequestCancelled, finished=self._learn_speed)
+            self._engine = BatchScheduler(router.bank, tokenizer, self._gate, hooks, self.batching, clock=clock,
+                                          on_step=on_step if on_step is not None else self._govern_batch_step)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, bundle: str | Any = None, model: str | Any = None, device: str = "auto",
-             telemetry: Any = None, clock: Callable[[], float] = time.perf_counter, warmup_tokens: int = 8) -> AdaptiveLM:
+             telemetry: Any = None, clock: Callable[[], float] = time.perf_counter, warmup_tokens: int = 8,
+             batching: BatchConfig | None = None) -> AdaptiveLM:
         """Load a bundle (default: the shipped one) and its model (default: the bundle's).
 
         ``model`` is a spec for :func:`casrap.models.load_model` or an already
         loaded :class:`LoadedModel`. Raises :class:`CheckpointError` (one line) when the
         model's weights are not those the bundle's plans were made for. ``warmup_tokens``
-        > 0 runs :meth:`warmup` (the first forward pass after loading is several times
+        > 0 runs :meth:`warmup` (``batching``: see the class; the first forward pass after loading is several times
         slower than the rest and would mislead both the first decision and the latency model).
         """
         from casrap.models import load_model
@@ -227,7 +248,7 @@ class AdaptiveLM:
         bank = checked.build_bank(lm.model)
         policy = checked.load_policy()
         router = Router(bank, lm.tokenizer, policy, checked.defaults, telemetry=telemetry, clock=clock)
-        adaptive = cls(router, lm.tokenizer, model_name=lm.spec, bundle=checked, clock=clock)
+        adaptive = cls(router, lm.tokenizer, model_name=lm.spec, bundle=checked, clock=clock, batching=batching)
         if warmup_tokens > 0:
             adaptive.warmup(warmup_tokens)
         return adaptive
@@ -240,7 +261,7 @@ class AdaptiveLM:
         ids = self.encode("Hello.", tokens)
         model = self.router.bank.model
         with self._gate:
-            self.router.bank.activate("none")
+            self.router.bank.activate(FULL)
             generate_timed(model, self.tokenizer, ids, 2, clock=self.clock, ignore_eos=True)
             _ = self.router.unloaded
             self.router.prepare(force_probe=True)
@@ -261,12 +282,14 @@ class AdaptiveLM:
 
     @property
     def queue_length(self) -> int:
-        """Requests waiting for the bank now."""
-        return self._gate.waiting
+        """Requests waiting for the bank now (not running; the batching engine's own place in line not counted)."""
+        if self._engine is None:
+            return self._gate.waiting
+        return self._gate.waiting - int(self._engine.waiting_on_gate) + self._engine.waiting
 
     @property
     def busy(self) -> bool:
-        """Whether a request holds the bank now."""
+        """Whether a request (or the batching engine) holds the bank now."""
         return self._gate.busy
 
     @property
@@ -349,37 +372,54 @@ class AdaptiveLM:
                       on_step: Callable[[StreamPiece], None] | None, ignore_eos: bool, profile: str | None,
                       on_decision: Callable[[Decision], None] | None = None, cancel: Cancellation | None = None,
                       **sampling: Any) -> Generation:
+        if self._engine is None:
+            return self._generate_serial(text, ids, n, target, on_step, ignore_eos, profile, on_decision, cancel, **sampling)
+        job = BatchJob(text, ids, n, target, profile, ignore_eos, dict(sampling), cancel, on_step, on_decision, self.clock())
+        self._engine.run(job)
+        latency = job.ended - job.decided_at
+        return self._generation(job.decision, job.output, job.switch_s, job.waited, job.behind, latency, job.expired, target,
+                                ids)
+
+    def _generate_serial(self, text: str, ids: torch.Tensor, n: int, target: float | None,
+                         on_step: Callable[[StreamPiece], None] | None, ignore_eos: bool, profile: str | None,
+                         on_decision: Callable[[Decision], None] | None = None, cancel: Cancellation | None = None,
+                         **sampling: Any) -> Generation:
         tag = id(cancel) if cancel is not None else None
         waited, behind = self._enter(cancel, tag)
-        expired = False
         try:
             start = self.clock()
-            if profile is None and target is not None and waited >= target:
-                expired, profile = True, self.fastest_profile
-            if profile is None:
-                decision = self.router.decide(text, int(ids.shape[-1]), n, target, behind, waited)
+            expired = profile is None and target is not None and waited >= target
+            if expired:
+                profile = self.fastest_profile
+            if profile is None:  # the request's options mask the actions whose generator cannot honour them
+                decision = self.router.decide(text, int(ids.shape[-1]), n, target, behind, waited, options=sampling)
             else:
                 decision = self.router.fixed_decision(profile, ids, n, behind, waited)
             if on_decision is not None:
                 on_decision(decision)
-            on_text = None
-            if self._compressed_kv(decision.profile):
-                # the compressed-cache path streams text only and cannot be cancelled mid-generation
-                on_text = (lambda text: on_step(StreamPiece(text, 0))) if on_step is not None else None
-            else:
-                if cancel is not None:
-                    sampling["cancel"] = cancel
-                if on_step is not None:
-                    sampling["on_step"] = on_step
-            routed = self.router.run(decision, ids, n, on_text=on_text, ignore_eos=ignore_eos, **sampling)
+            routed = self._route(decision, ids, n, on_step, ignore_eos, cancel, sampling)
             latency = self.clock() - start
         finally:
             self._gate.release(tag)
-        d, o = routed.decision, routed.output
+        return self._generation(routed.decision, routed.output, routed.switch_s, waited, behind, latency, expired, target, ids)
+
+    def _route(self, decision: Decision, ids: torch.Tensor, n: int, on_step: Callable[[StreamPiece], None] | None,
+               ignore_eos: bool, cancel: Cancellation | None, sampling: dict[str, Any]) -> Any:
+        """Run one decided request alone on the bank (the Router's timed generation)."""
+        sampling = dict(sampling)  # every profile kind's generator takes cancel and on_step (casrap.decide.generators)
+        if cancel is not None:
+            sampling["cancel"] = cancel
+        if on_step is not None:
+            sampling["on_step"] = on_step
+        return self.router.run(decision, ids, n, ignore_eos=ignore_eos, **sampling)
+
+    def _generation(self, d: Decision, o: GenerationOutput, switch_s: float, waited: float, behind: int, latency: float,
+                    expired: bool, target: float | None, ids: torch.Tensor) -> Generation:
+        """The answer and its record (latency from getting the bank; total adds the wait)."""
         total = latency + waited
         record = GenerationRecord(
             profile=d.profile, decision_s=d.decision_s, telemetry_s=d.telemetry_s, analysis_s=d.analysis_s,
-            policy_s=d.policy_s, switch_s=routed.switch_s, queue_wait_s=waited, queue_length=behind,
+            policy_s=d.policy_s, switch_s=switch_s, queue_wait_s=waited, queue_length=behind,
             ttft_s=latency - o.generation_s + o.ttft_s, generation_s=o.generation_s, latency_s=latency, total_s=total,
             prompt_tokens=int(ids.shape[-1]), completion_tokens=len(o.token_ids),
             tokens_per_s=len(o.token_ids) / o.generation_s if o.generation_s > 0 else 0.0,
@@ -388,6 +428,46 @@ class AdaptiveLM:
             cancel_to_stop_s=getattr(o, "cancel_to_stop_s", None),
         )
         return Generation(o.text, record, o.token_ids, getattr(o, "logprobs", None), getattr(o, "stop", None))
+
+    # ------------------------------------------------------- batching hooks
+    def _govern_batch_step(self, step_s: float) -> None:
+        """The Router's thread governor between batched decode steps (medians kept per profile and batch size)."""
+        engine, governor = self._engine, self.router.governor
+        if engine is not None:
+            governor.for_work(f"{engine.profile}/batch{engine.running}")
+        governor.step(step_s)
+
+    def _decide_job(self, job: BatchJob, profile: str | None = None) -> Decision:
+        """A batched request's decision, made by the engine at a step boundary (the serial path's rules)."""
+        from dataclasses import replace
+
+        n, tokens = job.max_new_tokens, int(job.ids.shape[-1])
+        if profile is not None and job.profile is None:  # batch_mode="batch": the running batch's profile
+            return replace(self.router.fixed_decision(profile, job.ids, n, job.behind, job.waited), rule="batch")
+        job.expired = job.profile is None and job.target is not None and job.waited >= job.target
+        chosen = self.fastest_profile if job.expired else job.profile
+        if chosen is not None:
+            return self.router.fixed_decision(chosen, job.ids, n, job.behind, job.waited)
+        return self.router.decide(job.text, tokens, n, job.target, job.behind, job.waited, options=job.sampling)
+
+    def _batchable(self, job: BatchJob) -> bool:
+        """Whether the engine can batch a decided job: a dense profile and no ``model.generate`` options."""
+        from casrap.decide.generators import DENSE, requested
+
+        return self.router.generator(job.decision.profile).kind == DENSE and "generate_options" not in requested(job.sampling)
+
+    def _run_solo(self, job: BatchJob) -> Any:
+        """A request the engine cannot batch (compressed KV, prompt lookup): alone, exactly as the serial path runs it."""
+        return self._route(job.decision, job.ids, job.max_new_tokens, job.on_step, job.ignore_eos, job.cancel, job.sampling)
+
+    def _learn_speed(self, job: BatchJob) -> None:
+        """Feed casrap's slowdown tracker from requests that decoded alone (a shared step is slower by design)."""
+        o = job.output
+        if job.peak_batch > 1 or o is None or len(o.decode_steps_s) < 3 or self.router._unloaded is None:
+            return
+        tracker = self.router.slowdown
+        tracker.unloaded_step_s = self.router.unloaded.fit.decode(int(job.ids.shape[-1]))
+        tracker.observe(job.decision.profile, o.decode_median_s, self.clock())
 
     def _compressed_kv(self, profile: str) -> bool:
         """Whether ``profile`` generates through the compressed-KV path (``kv-R`` actions)."""

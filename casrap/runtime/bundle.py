@@ -37,6 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from casrap.profiles.catalogue import FULL
 from casrap.decide.observation import OBSERVATION_FEATURES, OBSERVATION_VERSION, PPL_SCALE, RUN_QUEUE_SCALE, TARGET_SCALE, TOKENS_SCALE
 from casrap.decide.defaults import RuntimeDefaults
 from casrap.errors import CheckpointError
@@ -138,7 +139,7 @@ class PolicyBundle:
         if any(p.ranks for p in self.plans):
             bank.lowrank_basis = self.lowrank_basis()
         for plan in self.plans:
-            if plan.name != "none":
+            if plan.name != FULL:
                 bank.add(plan)
         bank.lowrank_basis = None
         if bank.names != self.actions:

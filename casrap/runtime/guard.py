@@ -39,7 +39,7 @@ class Guard:
         self.app, self.limits, self.metrics = app, limits, metrics
 
     async def _refuse(self, send: Any, scope: dict[str, Any], response: Response, status: int) -> None:
-        self.metrics.requests.labels(scope.get("path", ""), str(status)).inc()
+        self.metrics.requests.labels(self.metrics.endpoint(scope.get("path", "")), str(status)).inc()
         await response(scope, self._empty_receive, send)
 
     @staticmethod

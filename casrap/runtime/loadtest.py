@@ -49,11 +49,11 @@ import numpy as np
 import torch
 
 from casrap.agents.evaluate import bootstrap_ci
-from casrap.measure.perplexity import mean_kl, next_token_logits
+from casrap.measure.quality import score_profiles
+from casrap.profiles.catalogue import FULL
 from casrap.runtime.adaptive import AdaptiveLM
 
 POLICY = "policy"
-FULL = "none"
 TARGET_RULE = "target = predicted unloaded full-model latency x ratio, ratio ~ U(budget_range), seeded per prompt"
 
 
@@ -243,22 +243,11 @@ def choose_prompts(config: LoadTestConfig) -> list[Any]:
     return [pool[i] for i in rng.choice(len(pool), min(config.prompts, len(pool)), replace=False)]
 
 
-@torch.inference_mode()
 def _kl_per_profile(lm: AdaptiveLM, prompt: str, answer: list[int], profiles: list[str]) -> dict[str, float]:
     """KL(full || profile) along the full model's answer, per profile."""
-    bank = lm.router.bank
     ids = lm.encode(prompt, max(len(answer), 1))
-    seq = torch.cat([ids[0], torch.tensor(answer, dtype=ids.dtype)]).unsqueeze(0)
-    start = ids.shape[1] - 1
-    with bank.using(FULL):
-        full = next_token_logits(bank.model, seq)[start:-1]
-    kls = {FULL: 0.0}
-    for name in profiles:
-        if name == FULL:
-            continue
-        with bank.using(name):
-            kls[name] = mean_kl(full, next_token_logits(bank.model, seq)[start:-1])
-    return kls
+    scores = score_profiles(lm.router.bank, ids, torch.tensor(answer, dtype=ids.dtype), [FULL, *profiles], FULL)
+    return {name: quality.kl for name, quality in scores.items()}
 
 
 def request_record(rec: dict[str, Any], runner: str, prompt_id: str, level: str, target: float, ratio: float,

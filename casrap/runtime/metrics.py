@@ -2,18 +2,24 @@
 
 A registry per app (not prometheus-client's global one) so that several servers in
 one process (tests) do not collide and each ``/metrics`` shows only its own requests.
+Labels are bounded: a request's ``endpoint`` is the template of the route it matched
+(``/v1/models/{model}``), or ``other`` for any path no route serves, so requests to
+random paths (which need no key to reach the 404) cannot grow memory or ``/metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import compile_path
 
 from casrap.runtime.adaptive import GenerationRecord
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+OTHER = "other"
 
 
 class ServerMetrics:
@@ -40,6 +46,20 @@ class ServerMetrics:
                                  "client gone; timeout: request timeout)", ["stage", "reason"], registry=r)
         if queue_length is not None:
             self.queue.set_function(queue_length)
+        self._routes: list[tuple[re.Pattern[str], str]] = []
+
+    def use_routes(self, templates: Iterable[str]) -> None:
+        """The route templates (``/v1/models/{model:path}``) that :meth:`endpoint` maps paths onto."""
+        for template in templates:
+            regex, label, _ = compile_path(template)
+            self._routes.append((regex, label))
+
+    def endpoint(self, path: str) -> str:
+        """The ``endpoint`` label of a request path: its route's template, else ``other``."""
+        for regex, label in self._routes:
+            if regex.match(path):
+                return label
+        return OTHER
 
     def record(self, rec: GenerationRecord) -> None:
         self.decisions.labels(rec.profile).inc()

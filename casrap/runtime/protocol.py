@@ -3,7 +3,11 @@
 Every number is checked here, before a request queues: NaN and Infinity are refused
 (``allow_inf_nan=False``), ranges are OpenAI's. Parameters casrap cannot honour are
 refused with a 400 naming the parameter (never a silent 200); unknown extra fields are
-ignored and listed in the answer's ``casrap.warnings``. Everything the server writes
+ignored and listed in the answer's ``casrap.warnings``. An explicit ``null`` for any
+optional parameter means its default, as OpenAI reads it (clients that serialise unset
+fields send ``"n": null``). What a request may cost per decode step is capped:
+``MAX_STOP`` stop strings of at most ``MAX_STOP_CHARS`` characters, ``MAX_LOGIT_BIAS``
+``logit_bias`` entries (OpenAI's limits where it states one). Everything the server writes
 goes through :func:`strict_dumps`: non-finite floats become ``null``, so the output
 parses under strict JSON parsers (browsers', Go's, Rust's).
 """
@@ -13,13 +17,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from casrap.errors import CasrapError
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -67,9 +74,18 @@ def strict_dumps(data: Any) -> str:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """``null`` for a parameter that has a default is that default (OpenAI accepts it); a required one stays an error."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
 
 class ChatMessage(_Strict):
-    role: str
+    role: Literal[ROLES]  # type: ignore[valid-type]  # an unknown role is a 400 naming messages, not a template error
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
@@ -127,7 +143,11 @@ class CompletionRequest(_Common):
 
 @dataclass
 class Limits:
-    """What a server allows; see ``casrap serve --help``."""
+    """What a server allows; see ``casrap serve --help``.
+
+    ``max_queue``: requests that may wait for the model behind the one running; 0 keeps
+    no queue (a request is refused with 429 unless the model is idle).
+    """
 
     max_tokens_cap: int = 1024
     max_queue: int = 64
@@ -181,11 +201,16 @@ def _stops(stop: str | list[str] | None) -> list[str]:
         raise bad(f"at most {MAX_STOP} stop sequences, got {len(stops)}", "stop")
     if any(not s for s in stops):
         raise bad("stop sequences must be non-empty strings", "stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad(f"stop sequences may be at most {MAX_STOP_CHARS} characters, got one of {longest}", "stop")
     return stops
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
     out: dict[int, float] = {}
+    if bias and len(bias) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}", "logit_bias")
     for key, value in (bias or {}).items():
         try:
             token = int(key)
@@ -273,4 +298,5 @@ def code_for(err: CasrapError) -> str | None:
     return "context_length_exceeded" if "context window" in str(err) else None
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Limits", "Options", "error_body", "strict_dumps", "validate"]
+__all__ = ["MAX_LOGIT_BIAS", "MAX_STOP", "MAX_STOP_CHARS", "ApiError", "ChatRequest", "CompletionRequest", "Limits", "Options",
+           "error_body", "strict_dumps", "validate"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from casrap.profiles.catalogue import FULL
+
 _SKIPPED = re.compile(r"layers skipped: \[([\d, ]*)\]$")
 
 
@@ -45,10 +47,10 @@ def rebuild_with(bank: Any, replacements: dict[str, Any]) -> Any:
     any) and its settings, and cannot reorder a model the old bank's profiles depend on.
     """
     plans = [replacements.get(n, bank.profile(n).plan) for n in bank.names]
-    bank.activate("none")
+    bank.activate(FULL)
     fresh = bank.sibling()
     for plan in plans:
-        if plan.name != "none":
+        if plan.name != FULL:
             fresh.add(plan)
     return fresh
 
@@ -82,7 +84,7 @@ def training_provenance(state: dict[str, Any], bank: Any) -> tuple[dict[str, Any
         if differing:
             notes.append(
                 f"plans built now differ from the recording for {', '.join(differing)} (calibration changed since it was recorded); "
-                "the policy learned those actions' costs from the recorded versions: re-record (casrap collect) and retrain to close the gap"
+                "the policy learned those actions' costs from the recorded versions: re-record (casrap record) and retrain to close the gap"
             )
         notes.append("head and FFN plans match the recording in counts only (descriptions name no indices): "
                      "they were rebuilt from this calibration")

@@ -10,17 +10,25 @@ GuideLLM's names, so a casrap figure can be set next to theirs:
 ====================  ==========================================  ==================================
 vLLM name             definition (per request, then aggregated)    GuideLLM name
 ====================  ==========================================  ==================================
-``ttft``              send -> first content chunk                  ``time_to_first_token_ms``
+``ttft``              send -> first chunk (of any kind)            ``time_to_first_token_ms``
 ``tpot``              (end-to-end - TTFT) / (output tokens - 1)     ``inter_token_latency_ms``
-``itl``               gap between consecutive content chunks       (none: GuideLLM's ITL is vLLM's TPOT)
-``e2el``              send -> last chunk                           ``request_latency`` (seconds)
+``itl``               gap between consecutive chunks               (none: GuideLLM's ITL is vLLM's TPOT)
+``e2el``              send -> end of the stream                    ``request_latency`` (seconds)
 (none)                end-to-end / output tokens                   ``time_per_output_token_ms``
 ====================  ==========================================  ==================================
 
-Output tokens are the server's ``usage`` (``stream_options.include_usage``) when it
-sends one, else the number of content chunks. Goodput is the rate of requests meeting
-every SLO given (vLLM's ``--goodput``). Only the client's clock is used: the figures
-include the network and the server's queue, as a user sees them.
+Chunks are those carrying ``choices`` (the usage chunk does not count), stamped as vLLM's
+``benchmark_serving`` stamps them: the first one, whatever it holds (a role-only chunk
+too), ends the TTFT, and every later one adds a gap to the ITL. Output tokens are the
+server's ``usage`` (``stream_options.include_usage``) when it sends one, else the number
+of content chunks. Goodput is the rate of requests meeting every SLO given (vLLM's
+``--goodput``). Only the client's clock is used: the figures include the network and the
+server's queue, as a user sees them.
+
+:func:`run_serving_sweep` runs the same prompts at several concurrencies (or rates), one
+level after the other, and sets each level's throughput against the first level's, and
+each answer's text against the same prompt's answer there (greedy answers should not
+change with the load).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +90,7 @@ class RequestTiming:
     prompt_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     profile: str = ""
+    text: str = ""  # the generated text (vLLM's generated_text)
 
     @property
     def tpot_s(self) -> float | None:
@@ -146,6 +155,7 @@ class ServingBenchResult:
             "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
             "request_throughput": len(ok) / d, "output_throughput": out_tokens / d,
             "total_token_throughput": (in_tokens + out_tokens) / d,
+            "max_concurrency": self.config.get("concurrency"), "request_rate": self.config.get("rate"),
         }
         if any(self.config[k] is not None for k in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2el_ms")):
             data["request_goodput"] = sum(1 for r in ok if self.meets_slo(r)) / d
@@ -184,7 +194,9 @@ async def _one(client: Any, config: ServingBenchConfig, model: str, index: int, 
             "stream": True, "stream_options": {"include_usage": True}, **config.extra_body}
     sent = time.perf_counter()
     timing = RequestTiming(index, sent - t0, False, 0)
-    chunks: list[float] = []
+    stamps: list[float] = []  # every chunk with choices
+    content = 0
+    pieces: list[str] = []
     usage: dict[str, Any] | None = None
     try:
         async with client.stream("POST", "/chat/completions", json=body) as response:
@@ -207,20 +219,25 @@ async def _one(client: Any, config: ServingBenchConfig, model: str, index: int, 
                     return timing
                 if data.get("usage"):
                     usage = data["usage"]
+                if data.get("choices"):
+                    stamps.append(now)
                 for choice in data.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content") or choice.get("text"):
-                        chunks.append(now)
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if text:
+                        content += 1
+                        pieces.append(str(text))
     except Exception as err:  # noqa: BLE001 - a failed request is a result, not a crash
         timing.error = f"{type(err).__name__}: {err}"
         return timing
     end = time.perf_counter()
-    timing.success = bool(chunks)
-    if not chunks:
-        timing.error = "no content"
+    timing.success = bool(stamps)
+    if not stamps:
+        timing.error = "no chunk"
         return timing
-    timing.ttft_s, timing.e2el_s = chunks[0] - sent, end - sent
-    timing.itl_s = [b - a for a, b in zip(chunks, chunks[1:])]
-    timing.output_tokens = int(usage["completion_tokens"]) if usage else len(chunks)
+    timing.ttft_s, timing.e2el_s = stamps[0] - sent, end - sent
+    timing.itl_s = [b - a for a, b in zip(stamps, stamps[1:])]
+    timing.text = "".join(pieces)
+    timing.output_tokens = int(usage["completion_tokens"]) if usage else content
     timing.prompt_tokens = int(usage["prompt_tokens"]) if usage else 0
     return timing
 
@@ -270,4 +287,63 @@ def run_serving_bench(config: ServingBenchConfig, progress: Any = None) -> Servi
     return asyncio.run(run_serving_bench_async(config, progress))
 
 
-__all__ = ["RequestTiming", "ServingBenchConfig", "ServingBenchResult", "load_prompt_file", "run_serving_bench"]
+def parse_levels(text: str | None, kind: type, name: str) -> list[Any]:
+    """``"1,2,4,8"`` -> [1, 2, 4, 8] (``kind`` int or float); None or empty -> []; one-line error otherwise."""
+    if not text:
+        return []
+    try:
+        values = [kind(part) for part in str(text).replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InputError(f"{name} takes a number or a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{name} takes a number or a comma-separated list of numbers, got {text!r}")
+    return values
+
+
+SUMMARY = ("completed", "failed", "duration", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+           "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms",
+           "p99_e2el_ms")
+
+
+@dataclass
+class ServingSweep:
+    """One serving benchmark per load level (concurrency or rate), the same prompts at each."""
+
+    results: list[ServingBenchResult]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per level: vLLM's headline figures, throughput as a multiple of the first level's, and the share of
+        answers whose text is that of the same prompt at the first level (greedy: should be 1.0)."""
+        first = self.results[0]
+        base = first.vllm()["output_throughput"]
+        texts = {r.index: r.text for r in first.ok}
+        rows = []
+        for result in self.results:
+            v = result.vllm()
+            row = {"max_concurrency": v["max_concurrency"], "request_rate": v["request_rate"], **{k: v[k] for k in SUMMARY}}
+            if "request_goodput" in v:
+                row["request_goodput"] = v["request_goodput"]
+            row["output_throughput_vs_first"] = v["output_throughput"] / base if base > 0 else None
+            paired = [r for r in result.ok if r.index in texts]
+            row["same_text_as_first"] = sum(r.text == texts[r.index] for r in paired) / len(paired) if paired else None
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "runs": [r.to_dict() for r in self.results]}
+
+
+def run_serving_sweep(config: ServingBenchConfig, concurrencies: list[int] | None = None, rates: list[float] | None = None,
+                      progress: Any = None) -> ServingSweep:
+    """The benchmark at every (rate, concurrency) pair, rates outermost; ``progress(level, levels, done, n)``."""
+    levels = [(rate, c) for rate in (rates or [config.rate]) for c in (concurrencies or [config.concurrency])]
+    results = []
+    for k, (rate, concurrency) in enumerate(levels):
+        level = replace(config, rate=rate, concurrency=concurrency)
+        tick = (lambda i, n, k=k: progress(k, len(levels), i, n)) if progress is not None else None
+        results.append(run_serving_bench(level, progress=tick))
+    return ServingSweep(results)
+
+
+__all__ = ["RequestTiming", "ServingBenchConfig", "ServingBenchResult", "ServingSweep", "load_prompt_file", "parse_levels",
+           "run_serving_bench", "run_serving_sweep"]

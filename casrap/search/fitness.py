@@ -12,14 +12,14 @@ score of a split is the AUROC of that score against the labels (0.5 = chance).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from casrap.measure.perplexity import perplexity_ci95
+from casrap.measure.quality import active_quality, bootstrap_ci
 from casrap.models.architecture import ArchitectureInfo
 from casrap.profiles.plan import PruningPlan
 from casrap.search.data import LabelledPrompt
@@ -34,13 +34,6 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
-
-
-def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, rounds: int = 200, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(rounds)]
-    values = [v for v in values if v == v]
-    return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))) if values else (float("nan"), float("nan"))
 
 
 class SafetyScorer:
@@ -68,7 +61,7 @@ class SafetyScorer:
 
     def auroc_with_ci(self) -> tuple[float, tuple[float, float]]:
         s = self.scores()
-        return auroc(s, self.labels), bootstrap_ci(lambda idx: auroc(s[idx], self.labels[idx]), len(s))
+        return auroc(s, self.labels), bootstrap_ci(lambda idx: auroc(s[idx], self.labels[idx]), len(s), resamples=200)
 
 
 @dataclass
@@ -78,21 +71,16 @@ class PerplexityScorer:
     model: Any
     ids: torch.Tensor  # 1-D
 
-    @torch.inference_mode()
     def nll(self) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        ids = self.ids.unsqueeze(0).to(device)
-        logits = self.model(ids, use_cache=False).logits[0, :-1].float()
-        return F.cross_entropy(logits, ids[0, 1:], reduction="none").cpu()
+        """Per-token NLL of the block under the active profile (every token after the first)."""
+        return active_quality(self.model, self.ids[:1], self.ids[1:]).nll
 
     def ppl(self) -> float:
         return math.exp(float(self.nll().mean()))
 
     def ppl_with_ci(self) -> tuple[float, tuple[float, float]]:
-        nll = self.nll().numpy()
-        se = nll.std(ddof=1) / math.sqrt(len(nll))
-        m = nll.mean()
-        return math.exp(m), (math.exp(m - 1.96 * se), math.exp(m + 1.96 * se))
+        nll = self.nll()
+        return math.exp(float(nll.mean())), perplexity_ci95(nll)
 
 
 def layer_parameters(info: ArchitectureInfo) -> dict[str, int]:

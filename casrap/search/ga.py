@@ -108,14 +108,8 @@ class MemoEvaluator(Memo):
         self.score = score
 
     def _score_genome(self, genome: list[Any]) -> tuple[float, dict[str, float]]:
-        plan = self.to_plan(genome)
-        plan.name = "__search__"
-        self.bank.add(plan)
-        try:
-            self.bank.activate(plan.name)
-            return self.score(plan)
-        finally:
-            self.bank.remove(plan.name)
+        with self.bank.scratch(self.to_plan(genome)) as profile:
+            return self.score(profile.plan)
 
 
 # ------------------------------------------------------------------ genome -> plan

@@ -150,29 +150,39 @@ def run_ranks(
                 meta={"search": "ranks", "evaluations": result.evaluations, "basis": basis.source, "picked_on": "validation of top 3 by search"},
             )
             results[name] = {"history": [asdict(h) for h in result.history], "search_fitness": result.best_fitness}
-        limit = (1.0 + tolerance) * full_search_ppl
-        bisect: dict[str, Any] = {"tolerance": tolerance, "limit_ppl": limit, "full_search_ppl": full_search_ppl, "rows": []}
-        within: list[tuple[float, str, lowrank.Ranks]] = []
-        for method, make in (("uniform (LLM-Sieve binary search)", lambda f: lowrank.uniform_ranks(basis.shapes, f)),
-                             ("min-error allocation", lambda f: lowrank.allocate_ranks(basis, f)),
-                             ("per-matrix error threshold", lambda e: lowrank.ranks_within_error(basis, e))):
-            fraction, found = bisect_fraction(lambda f: evaluate_ranks(make(f)), limit)
-            entry: dict[str, Any] = {"method": method, "fraction": fraction, "search_ppl": found}
-            if fraction > 0:
-                ranks = make(fraction)
-                entry.update(row(method, fraction, ranks))
-                within.append((lowrank.removed_fraction(ranks, basis.shapes), method, ranks))
-            bisect["rows"].append(entry)
-        if within:  # the quality-budget plan: the most parameters removed within the search budget
-            removed, method, ranks = max(within, key=lambda w: w[0])
-            name = f"ranks-budget-{round(100 * tolerance)}"
-            plans[name] = PruningPlan(
-                name=name, ranks=ranks,
-                description=(f"low-rank projections within {100 * tolerance:g}% of the full model's search perplexity: "
-                             f"{100 * removed:.1f}% of projection parameters removed ({method})"),
-                meta={"search": "ranks", "budget": {"tolerance": tolerance, "limit_ppl": limit}, "method": method, "basis": basis.source},
-            )
+        bisect, budget_plan = _budget_search(basis, evaluate_ranks, row, tolerance, full_search_ppl)
+        if budget_plan is not None:
+            plans[budget_plan.name] = budget_plan
     finally:
         for m in basis.matrices.values():
             m.projected = None
     return {"ranks_table": rows, "ranks_bisect": bisect, "ranks_results": results, "ranks_plans": plans}
+
+
+def _budget_search(basis: Any, evaluate_ranks: Callable[[lowrank.Ranks], float], row: Callable[[str, float, lowrank.Ranks], dict[str, Any]],
+                   tolerance: float, full_search_ppl: float) -> tuple[dict[str, Any], PruningPlan | None]:
+    """Binary searches for the largest reduction within ``(1 + tolerance) x`` the full model's search
+    perplexity, one per allocation rule; their rows, and the plan that removes the most (None if none fits)."""
+    limit = (1.0 + tolerance) * full_search_ppl
+    bisect: dict[str, Any] = {"tolerance": tolerance, "limit_ppl": limit, "full_search_ppl": full_search_ppl, "rows": []}
+    within: list[tuple[float, str, lowrank.Ranks]] = []
+    for method, make in (("uniform (LLM-Sieve binary search)", lambda f: lowrank.uniform_ranks(basis.shapes, f)),
+                         ("min-error allocation", lambda f: lowrank.allocate_ranks(basis, f)),
+                         ("per-matrix error threshold", lambda e: lowrank.ranks_within_error(basis, e))):
+        fraction, found = bisect_fraction(lambda f: evaluate_ranks(make(f)), limit)
+        entry: dict[str, Any] = {"method": method, "fraction": fraction, "search_ppl": found}
+        if fraction > 0:
+            ranks = make(fraction)
+            entry.update(row(method, fraction, ranks))
+            within.append((lowrank.removed_fraction(ranks, basis.shapes), method, ranks))
+        bisect["rows"].append(entry)
+    if not within:
+        return bisect, None
+    removed, method, ranks = max(within, key=lambda w: w[0])  # the quality-budget plan: the most parameters removed
+    name = f"ranks-budget-{round(100 * tolerance)}"
+    return bisect, PruningPlan(
+        name=name, ranks=ranks,
+        description=(f"low-rank projections within {100 * tolerance:g}% of the full model's search perplexity: "
+                     f"{100 * removed:.1f}% of projection parameters removed ({method})"),
+        meta={"search": "ranks", "budget": {"tolerance": tolerance, "limit_ppl": limit}, "method": method, "basis": basis.source},
+    )

@@ -108,13 +108,8 @@ def task_head_importance(model: Any, tokenizer: Any, prompts: list[LabelledPromp
 
 def _evaluate(bank: ProfileBank, plan: PruningPlan, score: Callable[[], T]) -> T:
     """Score a plan once as the temporary profile ``EVAL_PROFILE`` (removed afterwards)."""
-    plan.name = EVAL_PROFILE
-    bank.add(plan)
-    try:
-        with bank.using(plan.name):
-            return score()
-    finally:
-        bank.remove(plan.name)
+    with bank.scratch(plan, EVAL_PROFILE):
+        return score()
 
 
 def _ppl_eval(bank: ProfileBank, plan: PruningPlan, scorer: PerplexityScorer) -> tuple[float, tuple[float, float]]:
@@ -134,6 +129,25 @@ def _row(method: str, sparsity: float, split_scores: dict[str, tuple[float, tupl
     return row
 
 
+@dataclass
+class _Context:
+    """What every encoding's search shares within one ``run_search``."""
+
+    model: Any
+    tokenizer: Any
+    run: SearchRun
+    bank: ProfileBank
+    imp: Importance
+    info: Any
+    blocks: dict[str, torch.Tensor]  # search / validation / test token blocks
+    ppl: dict[str, PerplexityScorer]
+    n_tok: dict[str, int]
+    full: dict[str, tuple[float, tuple[float, float]]]
+    plans_dir: Path
+    base_model: str
+    note: Callable[[str], Callable[[ga.GenerationLog], None]]
+
+
 def run_search(
     model: Any,
     tokenizer: Any,
@@ -144,18 +158,17 @@ def run_search(
     base_model: str = "",
     log: Callable[[str, ga.GenerationLog], None] | None = None,
 ) -> dict[str, Any]:
-    info = describe(model)
+    """Every encoding ``run`` asks for, in order; the report (also written to ``out_dir/search.json``)."""
     imp = importance or load_or_calibrate(model, tokenizer)[0]
     bank = ProfileBank(model, base_model)
-    corpus_name, (search_ids, val_ids, test_ids) = token_thirds(tokenizer, run.tokens, run.eval_tokens)
-    ppl = {s: PerplexityScorer(model, ids) for s, ids in zip(("search", "validation", "test"), (search_ids, val_ids, test_ids))}
-    n_tok = {s: int(ids.numel() - 1) for s, ids in zip(("search", "validation", "test"), (search_ids, val_ids, test_ids))}
+    corpus_name, thirds = token_thirds(tokenizer, run.tokens, run.eval_tokens)
+    blocks = dict(zip(("search", "validation", "test"), thirds))
+    ppl = {s: PerplexityScorer(model, ids) for s, ids in blocks.items()}
     report: dict[str, Any] = {"model": base_model, "corpus": corpus_name, "importance": imp.source, "config": asdict(run.config), "results": {}}
     plans_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     full = {s: sc.ppl_with_ci() for s, sc in ppl.items()}
     report["full_model_ppl"] = {s: v[0] for s, v in full.items()}
-    cfg = run.config
 
     def note(encoding: str) -> Callable[[ga.GenerationLog], None]:
         def inner(entry: ga.GenerationLog) -> None:
@@ -165,87 +178,114 @@ def run_search(
                 log(encoding, entry)
         return inner
 
+    ctx = _Context(model, tokenizer, run, bank, imp, describe(model), blocks, ppl,
+                   {s: int(ids.numel() - 1) for s, ids in blocks.items()}, full, plans_dir, base_model, note)
     if "rates" in run.encodings or "layers" in run.encodings:
-        from casrap.search.evolve import search_layers, search_rates
-
-        context = EvolveContext(bank, tokenizer, imp, info, run, search_ids, val_ids, test_ids, plans_dir, base_model, note)
-        with context:
-            for encoding, search in (("rates", search_rates), ("layers", search_layers)):
-                if encoding not in run.encodings:
-                    continue
-                report[f"{encoding}_table"] = []
-                for target in run.sparsities:
-                    rows, name, result = search(context, target)
-                    report[f"{encoding}_table"] += rows
-                    report["results"][name] = result
-        report["fitness"] = {"kind": run.fitness, "search_tokens": int(search_ids.numel()), "time_budget_s": run.time_budget,
-                             "workers": run.workers, "ray_address": run.ray_address}
-
+        _search_evolved(ctx, report)
     if "heads" in run.encodings:
-        task = load_safety_task(run.task_data, seed=cfg.seed)
-        scorers = {"search": SafetyScorer(model, tokenizer, task.search), "validation": SafetyScorer(model, tokenizer, task.validation), "test": SafetyScorer(model, tokenizer, task.test)}
-        n_task = {"search": len(task.search), "validation": len(task.validation), "test": len(task.test)}
-        group_imp = task_head_importance(model, tokenizer, task.search, info.group_size)
-        target = run.head_sparsity
-        attention_share = info.parameters.attention / (info.parameters.attention + info.parameters.mlp)
-
-        def head_score(plan: PruningPlan) -> tuple[float, dict[str, float]]:
-            groups_removed = sum(info.kv_heads - len(v["kv"]) for v in plan.heads.values())
-            sparsity = groups_removed / (info.layers * info.kv_heads)
-            pruned_importance = float(sum(group_imp[l, g] for l in range(info.layers) for g in range(info.kv_heads)
-                                          if l in plan.heads and g not in plan.heads[l]["kv"]))
-            task_score = scorers["search"].auroc()
-            terms = {"task": task_score, "sparsity_penalty": run.alpha * max(0.0, target - sparsity) / target,
-                     "importance_penalty": run.beta * pruned_importance, "sparsity": sparsity}
-            return task_score - terms["sparsity_penalty"] - terms["importance_penalty"], terms
-
-        evaluator = ga.MemoEvaluator(bank, lambda g: ga.heads_plan(g, info), head_score)
-        length = info.layers * info.kv_heads
-        result = ga.run_binary_ga("heads", length, 1.0 - target, lambda g, r: ga.repair_heads(g, info.layers, info.kv_heads, r), evaluator, cfg, note("heads"))
-        finalists = list(dict.fromkeys(tuple(g) for g, _ in result.final))[: max(1, run.finalists)]
-        result.best_genome = list(max(finalists, key=lambda g: _task_eval(bank, ga.heads_plan(list(g), info), scorers["validation"])[0]))
-        best = ga.heads_plan(result.best_genome, info)
-        removed = sum(info.kv_heads - len(v["kv"]) for v in best.heads.values())
-        ranked_heads, _ = plan_kv_groups(imp.kv_groups(info.group_size), info.group_size, removed / length + 1e-9)
-        ranked = PruningPlan(name="x", heads=ranked_heads, functional=True)
-        rows = []
-        full_plan = PruningPlan(name="x")
-        for method, plan in (("GA head mask", best), ("importance-ranked groups", ranked), ("full model", full_plan)):
-            scores = {s: _task_eval(bank, PruningPlan(**{**asdict(plan), "name": "x"}), scorers[s]) for s in ("validation", "test")}
-            rows.append(_row(method, plan_sparsity(plan, info), scores, n_task) | {"groups_removed": sum(info.kv_heads - len(v["kv"]) for v in plan.heads.values())})
-        report["heads_table"] = rows
-        report["heads_task"] = {"source": task.source, "attention_share": attention_share, "best_terms": evaluator(result.best_genome)[1]}
-        saved = ga.heads_plan(result.best_genome, info, functional=False)
-        saved.name, saved.base_model = "heads-ga", base_model
-        saved.description = f"GA head mask: {removed}/{length} kv groups removed (safety task)"
-        saved.save(plans_dir / "heads-ga.json")
-        report["results"]["heads-ga"] = {"history": [asdict(h) for h in result.history], "mask": result.best_genome}
-
+        _search_heads(ctx, report)
     if "nsga2" in run.encodings:
-        def objectives(genome: list[int]) -> tuple[float, float]:
-            return _evaluate(bank, ga.layers_plan(genome), lambda: (ppl["search"].ppl(), bank.ideal_speedup(EVAL_PROFILE)))
-
-        result = ga.run_nsga2(info.layers, objectives, cfg, note("nsga2"))
-        baselines = {}
-        for k in range(1, info.layers // 2 + 1, max(1, info.layers // 10)):
-            for method, skip in (("last k", skip_last_layers(info.layers, k)), ("block influence", plan_skip_layers(imp.layers, k / info.layers + 1e-9))):
-                baselines.setdefault(method, []).append(objectives([int(i in skip) for i in range(info.layers)]))
-        report["pareto"] = {"front": [{"skip": [i for i, b in enumerate(g) if b], "ppl": f[0], "ideal_speedup": f[1]} for g, f in result.front],
-                            "baselines": {m: [{"ppl": p, "ideal_speedup": s} for p, s in v] for m, v in baselines.items()}}
+        _search_nsga2(ctx, report)
     if "ranks" in run.encodings:
-        from casrap.search.ranks import run_ranks
-
-        if bank.lowrank_basis is None:
-            from casrap.pruners.lowrank import load_or_fit_basis
-
-            bank.lowrank_basis = load_or_fit_basis(model, tokenizer, key=bank.fingerprint)
-        found = run_ranks(bank, lambda plan, split: _ppl_eval(bank, plan, ppl[split]), ppl["search"].ppl, n_tok, run.sparsities,
-                          cfg, run.ppl_tolerance, full["search"][0], note)
-        for name, plan in found.pop("ranks_plans").items():
-            plan.base_model, plan.fingerprint = base_model, bank.fingerprint
-            plan.save(plans_dir / f"{name}.json")
-        report["results"].update(found.pop("ranks_results"))
-        report.update(found)
-        report["lowrank_basis"] = bank.lowrank_basis.source
+        _search_ranks(ctx, report)
     (out_dir / "search.json").write_text(json.dumps(report, indent=1, default=float))
     return report
+
+
+def _search_evolved(ctx: _Context, report: dict[str, Any]) -> None:
+    """The rates and layer-set searches (:mod:`casrap.search.evolve`), each target in turn."""
+    from casrap.search.evolve import search_layers, search_rates
+
+    run, blocks = ctx.run, ctx.blocks
+    context = EvolveContext(ctx.bank, ctx.tokenizer, ctx.imp, ctx.info, run, blocks["search"], blocks["validation"], blocks["test"],
+                            ctx.plans_dir, ctx.base_model, ctx.note)
+    with context:
+        for encoding, search in (("rates", search_rates), ("layers", search_layers)):
+            if encoding not in run.encodings:
+                continue
+            report[f"{encoding}_table"] = []
+            for target in run.sparsities:
+                rows, name, result = search(context, target)
+                report[f"{encoding}_table"] += rows
+                report["results"][name] = result
+    report["fitness"] = {"kind": run.fitness, "search_tokens": int(blocks["search"].numel()), "time_budget_s": run.time_budget,
+                         "workers": run.workers, "ray_address": run.ray_address}
+
+
+def _search_heads(ctx: _Context, report: dict[str, Any]) -> None:
+    """The head-mask GA on the safety task, against importance-ranked groups and the full model."""
+    run, info, bank, model, tokenizer = ctx.run, ctx.info, ctx.bank, ctx.model, ctx.tokenizer
+    cfg = run.config
+    task = load_safety_task(run.task_data, seed=cfg.seed)
+    scorers = {"search": SafetyScorer(model, tokenizer, task.search), "validation": SafetyScorer(model, tokenizer, task.validation), "test": SafetyScorer(model, tokenizer, task.test)}
+    n_task = {"search": len(task.search), "validation": len(task.validation), "test": len(task.test)}
+    group_imp = task_head_importance(model, tokenizer, task.search, info.group_size)
+    target = run.head_sparsity
+    attention_share = info.parameters.attention / (info.parameters.attention + info.parameters.mlp)
+
+    def head_score(plan: PruningPlan) -> tuple[float, dict[str, float]]:
+        groups_removed = sum(info.kv_heads - len(v["kv"]) for v in plan.heads.values())
+        sparsity = groups_removed / (info.layers * info.kv_heads)
+        pruned_importance = float(sum(group_imp[l, g] for l in range(info.layers) for g in range(info.kv_heads)
+                                      if l in plan.heads and g not in plan.heads[l]["kv"]))
+        task_score = scorers["search"].auroc()
+        terms = {"task": task_score, "sparsity_penalty": run.alpha * max(0.0, target - sparsity) / target,
+                 "importance_penalty": run.beta * pruned_importance, "sparsity": sparsity}
+        return task_score - terms["sparsity_penalty"] - terms["importance_penalty"], terms
+
+    evaluator = ga.MemoEvaluator(bank, lambda g: ga.heads_plan(g, info), head_score)
+    length = info.layers * info.kv_heads
+    result = ga.run_binary_ga("heads", length, 1.0 - target, lambda g, r: ga.repair_heads(g, info.layers, info.kv_heads, r), evaluator, cfg, ctx.note("heads"))
+    finalists = list(dict.fromkeys(tuple(g) for g, _ in result.final))[: max(1, run.finalists)]
+    result.best_genome = list(max(finalists, key=lambda g: _task_eval(bank, ga.heads_plan(list(g), info), scorers["validation"])[0]))
+    best = ga.heads_plan(result.best_genome, info)
+    removed = sum(info.kv_heads - len(v["kv"]) for v in best.heads.values())
+    ranked_heads, _ = plan_kv_groups(ctx.imp.kv_groups(info.group_size), info.group_size, removed / length + 1e-9)
+    ranked = PruningPlan(name="x", heads=ranked_heads, functional=True)
+    rows = []
+    full_plan = PruningPlan(name="x")
+    for method, plan in (("GA head mask", best), ("importance-ranked groups", ranked), ("full model", full_plan)):
+        scores = {s: _task_eval(bank, PruningPlan(**{**asdict(plan), "name": "x"}), scorers[s]) for s in ("validation", "test")}
+        rows.append(_row(method, plan_sparsity(plan, info), scores, n_task) | {"groups_removed": sum(info.kv_heads - len(v["kv"]) for v in plan.heads.values())})
+    report["heads_table"] = rows
+    report["heads_task"] = {"source": task.source, "attention_share": attention_share, "best_terms": evaluator(result.best_genome)[1]}
+    saved = ga.heads_plan(result.best_genome, info, functional=False)
+    saved.name, saved.base_model = "heads-ga", ctx.base_model
+    saved.description = f"GA head mask: {removed}/{length} kv groups removed (safety task)"
+    saved.save(ctx.plans_dir / "heads-ga.json")
+    report["results"]["heads-ga"] = {"history": [asdict(h) for h in result.history], "mask": result.best_genome}
+
+
+def _search_nsga2(ctx: _Context, report: dict[str, Any]) -> None:
+    """The layer-set Pareto front (search perplexity against ideal speedup), with the rules beside it."""
+    bank, info, imp = ctx.bank, ctx.info, ctx.imp
+
+    def objectives(genome: list[int]) -> tuple[float, float]:
+        return _evaluate(bank, ga.layers_plan(genome), lambda: (ctx.ppl["search"].ppl(), bank.ideal_speedup(EVAL_PROFILE)))
+
+    result = ga.run_nsga2(info.layers, objectives, ctx.run.config, ctx.note("nsga2"))
+    baselines: dict[str, list[tuple[float, float]]] = {}
+    for k in range(1, info.layers // 2 + 1, max(1, info.layers // 10)):
+        for method, skip in (("last k", skip_last_layers(info.layers, k)), ("block influence", plan_skip_layers(imp.layers, k / info.layers + 1e-9))):
+            baselines.setdefault(method, []).append(objectives([int(i in skip) for i in range(info.layers)]))
+    report["pareto"] = {"front": [{"skip": [i for i, b in enumerate(g) if b], "ppl": f[0], "ideal_speedup": f[1]} for g, f in result.front],
+                        "baselines": {m: [{"ppl": p, "ideal_speedup": s} for p, s in v] for m, v in baselines.items()}}
+
+
+def _search_ranks(ctx: _Context, report: dict[str, Any]) -> None:
+    """The low-rank ranks GA and binary searches (:mod:`casrap.search.ranks`); saves its plans."""
+    from casrap.search.ranks import run_ranks
+
+    bank, ppl = ctx.bank, ctx.ppl
+    if bank.lowrank_basis is None:
+        from casrap.pruners.lowrank import load_or_fit_basis
+
+        bank.lowrank_basis = load_or_fit_basis(ctx.model, ctx.tokenizer, key=bank.fingerprint)
+    found = run_ranks(bank, lambda plan, split: _ppl_eval(bank, plan, ppl[split]), ppl["search"].ppl, ctx.n_tok, ctx.run.sparsities,
+                      ctx.run.config, ctx.run.ppl_tolerance, ctx.full["search"][0], ctx.note)
+    for name, plan in found.pop("ranks_plans").items():
+        plan.base_model, plan.fingerprint = ctx.base_model, bank.fingerprint
+        plan.save(ctx.plans_dir / f"{name}.json")
+    report["results"].update(found.pop("ranks_results"))
+    report.update(found)
+    report["lowrank_basis"] = bank.lowrank_basis.source

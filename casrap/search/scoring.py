@@ -8,26 +8,26 @@ Why KL is the default fitness: on a few hundred tokens, the perplexity of a prun
 is dominated by a handful of badly predicted tokens, so it ranks plans noisily; the KL
 divergence from the full model's next-token distribution uses every token's whole
 distribution (a much denser signal) and measures exactly what pruning should preserve.
-The full model's log-probabilities are computed once per scorer.
+The full model's log-probabilities are computed once per scorer
+(:class:`casrap.measure.quality.FullModelReference`, the measure every quality figure uses).
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from casrap.errors import CasrapError, InputError
+from casrap.measure.quality import FullModelReference, active_quality
 from casrap.profiles.bank import ProfileBank
+from casrap.profiles.catalogue import FULL
 from casrap.profiles.plan import PruningPlan
 
 FITNESS_KINDS = ("kl", "ppl", "lm-eval")
-SCORE_PROFILE = "__search__"
 
 
 @dataclass
@@ -54,19 +54,6 @@ class FitnessSpec:
             raise InputError(f"unknown fitness {self.kind!r}; choose from {', '.join(FITNESS_KINDS)}")
 
 
-@torch.inference_mode()
-def log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """[T-1, vocab] next-token log-probabilities of ``ids`` (1-D) under the active profile."""
-    device = next(model.parameters()).device
-    logits = model(ids.unsqueeze(0).to(device), use_cache=False).logits[0, :-1].float()
-    return F.log_softmax(logits, dim=-1).cpu()
-
-
-def kl_to_reference(reference: torch.Tensor, current: torch.Tensor) -> float:
-    """Mean over tokens of KL(reference || current), both log-probabilities."""
-    return float((reference.exp() * (reference - current)).sum(-1).mean())
-
-
 class PlanScorer:
     """Scores plans on one model: ``scorer(plan) -> (fitness, terms)``, higher is better."""
 
@@ -75,24 +62,21 @@ class PlanScorer:
         self.tokenizer = tokenizer
         self.spec = spec
         self.ids = torch.tensor(spec.token_ids, dtype=torch.long)
-        self.reference: torch.Tensor | None = None
+        self.reference: FullModelReference | None = None
         self._task_dir: tempfile.TemporaryDirectory[str] | None = None
         if spec.kind in {"kl", "ppl"} and self.ids.numel() < 2:
             raise InputError("search fitness needs at least 2 tokens of search text")
         if spec.kind == "kl":
-            with bank.using("none"):
-                self.reference = log_probs(bank.model, self.ids)
+            self.reference = FullModelReference.on_block(bank, self.ids, FULL)
 
     # ------------------------------------------------------------------ metrics
     def _active_terms(self) -> dict[str, float]:
         if self.spec.kind == "lm-eval":
             return {"acc": self._task_accuracy()}
-        current = log_probs(self.bank.model, self.ids)
-        nll = float(-current.gather(1, self.ids[1:, None]).mean())
-        terms = {"ppl": math.exp(nll)}
         if self.reference is not None:
-            terms["kl"] = kl_to_reference(self.reference, current)
-        return terms
+            quality = self.reference.score()
+            return {"ppl": quality.ppl, "kl": quality.kl}
+        return {"ppl": active_quality(self.bank.model, self.ids[:1], self.ids[1:]).ppl}
 
     def _task_accuracy(self) -> float:
         try:
@@ -121,13 +105,8 @@ class PlanScorer:
         return terms["acc"]
 
     def __call__(self, plan: PruningPlan) -> tuple[float, dict[str, float]]:
-        scored = PruningPlan(**{**plan.__dict__, "name": SCORE_PROFILE, "fingerprint": ""})
-        self.bank.add(scored)
-        try:
-            with self.bank.using(SCORE_PROFILE):
-                terms = self._active_terms()
-        finally:
-            self.bank.remove(SCORE_PROFILE)
+        with self.bank.scratch(replace(plan, fingerprint="")):
+            terms = self._active_terms()
         return self.fitness(terms), terms
 
 
@@ -137,11 +116,10 @@ class SplitScorer:
 
     bank: ProfileBank
     ids: torch.Tensor  # 1-D
-    reference: torch.Tensor | None = None
+    reference: FullModelReference | None = None
 
     def __post_init__(self) -> None:
-        with self.bank.using("none"):
-            self.reference = log_probs(self.bank.model, self.ids)
+        self.reference = FullModelReference.on_block(self.bank, self.ids, FULL)
 
     @property
     def n_tokens(self) -> int:
@@ -149,18 +127,10 @@ class SplitScorer:
 
     def measure(self, plan: PruningPlan | None) -> dict[str, Any]:
         """ppl, its 95% CI, KL to the full model, n tokens: for ``plan`` (None = full model)."""
-        name = "none"
-        if plan is not None:
-            name = "__split__"
-            self.bank.add(PruningPlan(**{**plan.__dict__, "name": name, "fingerprint": ""}))
-        try:
-            with self.bank.using(name):
-                current = log_probs(self.bank.model, self.ids)
-        finally:
-            if plan is not None:
-                self.bank.remove(name)
-        nll = -current.gather(1, self.ids[1:, None])[:, 0]
-        mean, se = float(nll.mean()), float(nll.std() / math.sqrt(len(nll)))
         assert self.reference is not None
-        return {"ppl": math.exp(mean), "ppl_ci95": [math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)],
-                "kl": kl_to_reference(self.reference, current), "n": self.n_tokens}
+        if plan is None:
+            quality = self.reference.full
+        else:
+            with self.bank.scratch(replace(plan, fingerprint="")):
+                quality = self.reference.score()
+        return {"ppl": quality.ppl, "ppl_ci95": list(quality.ppl_ci95()), "kl": quality.kl, "n": self.n_tokens}
