@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "batching.json"
+RESULTS = Path(__file__).resolve().parent / "raw" / "batching.json"  # raw runs; `python benchmarks/summarise.py batching` renders the table
 
 
 def _versions() -> dict[str, str]:

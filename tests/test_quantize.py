@@ -123,7 +123,8 @@ def _dequantised_copy(layers, like):
         for group, names in PROJECTIONS:
             parent = shell(getattr(layer, group))
             for name in names:
-                ref = Int4Linear.from_module(getattr(parent, name), torch.float32).dequantized_weight()
+                order = getattr(getattr(packed_layer, group), name).in_order  # the packing order the profile chose
+                ref = Int4Linear.from_module(getattr(parent, name), torch.float32, in_order=order).dequantized_weight()
                 linear = nn.Linear(ref.shape[1], ref.shape[0], bias=False)
                 linear.weight = nn.Parameter(ref, requires_grad=False)
                 setattr(parent, name, linear)
@@ -403,3 +404,26 @@ def test_an_int4_profile_says_in_one_line_why_it_cannot_export(tiny):
     bank = _bank(tiny, ["int4", "layers-25+int4"])
     for name in ("int4", "layers-25+int4"):
         assert "packed" in (export_blocker(bank, name) or "")
+
+
+def test_a_reordered_base_packs_down_proj_in_the_checkpoints_channel_order(tiny):
+    """Weights on a group-32 grid in the checkpoint's channel order (a GGUF-dequantised model) stay lossless
+    under int4 after the zero-copy reorder has laid the FFN channels out by importance."""
+    from casrap.pruners.importance import calibrate
+    from casrap.pruners.reorder import ffn_order
+
+    with torch.no_grad():
+        for k, layer in enumerate(tiny.model.model.layers):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(layer.mlp, name)
+                linear.weight.copy_(_grid_weight(*linear.weight.shape, seed=10 * k + len(name)))
+    imp = calibrate(tiny.model, tiny.tokenizer, ["The river runs through the old town."] * 2)
+    bank = ProfileBank(tiny.model, "tiny")
+    bank.reorder(imp)
+    assert ffn_order(bank._full_layers[0].mlp) is not None  # channels really moved
+    with kernel_check_result(FP32_FAST):
+        bank.add(build_plan("int4", imp, describe(tiny.model), structural=True))
+    for packed_layer, base in zip(bank.profile("int4").layers, bank._full_layers):
+        down = packed_layer.mlp.down_proj
+        assert down.in_order is not None
+        torch.testing.assert_close(down.dequantized_weight(), base.mlp.down_proj.weight, atol=1e-6, rtol=0)  # grid found

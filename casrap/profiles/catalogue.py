@@ -139,68 +139,45 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return match.group(1), percent / 100.0
 
 
-def build_plan(
-    spec: str,
-    importance: Importance | None,
-    info: ArchitectureInfo,
-    base_model: str = "",
-    structural: bool | None = None,
-    lowrank_basis: LowRankBasis | None = None,
-    fingerprint: str | None = None,
-) -> PruningPlan:
-    """Turn a spec like ``heads-10`` into a plan for this model and importance.
+def _with_kv(plan: PruningPlan, spec: str, base: str, keep: float) -> PruningPlan:
+    """``SPEC+kvR``: the base plan, its prompt's KV cache compressed to ``keep`` after prefill."""
+    plan.name = spec.strip()
+    plan.meta = {**plan.meta, KV_META: keep}
+    if base == FULL:
+        plan.meta.update(spec=plan.name, kind=KV, fraction=keep)
+        plan.description = f"full model; KV cache keeps {100 * keep:g}% of the prompt's tokens"
+    else:
+        plan.description = f"{plan.description}; KV cache keeps {100 * keep:g}% of the prompt's tokens"
+    return plan
 
-    ``lowrank-P`` uses ``lowrank_basis`` (PCA eigenvalues) instead of importance. A
-    shipped plan's name loads that plan, checked against ``fingerprint`` (else the
-    importance's model key): a plan made for another model is a one-line error.
-    """
-    base, keep = split_kv(spec)
-    if keep is not None:
-        plan = build_plan(base, importance, info, base_model, structural, lowrank_basis, fingerprint)
-        plan.name = spec.strip()
-        plan.meta = {**plan.meta, KV_META: keep}
-        if base == FULL:
-            plan.meta.update(spec=plan.name, kind=KV, fraction=keep)
-            plan.description = f"full model; KV cache keeps {100 * keep:g}% of the prompt's tokens"
-        else:
-            plan.description = f"{plan.description}; KV cache keeps {100 * keep:g}% of the prompt's tokens"
-        return plan
-    base, quant = split_quant(spec)
-    if quant is not None:
-        plan = build_plan(base, importance, info, base_model, structural, lowrank_basis, fingerprint)
-        plan.name, plan.quant = spec.strip(), quant
-        what = "decoder projections packed to int4 weights (groups of 32, asymmetric)"
-        if base == FULL:
-            plan.meta = {**plan.meta, "spec": plan.name, "kind": quant, "fraction": 0.0}
-            plan.description = f"full model; {what}"
-        else:
-            plan.description = f"{plan.description}; {what}"
-        return plan
-    kind, fraction = parse_spec(spec)
-    if kind == PLD:  # the full model's weights, decoded with prompt lookup
-        return PruningPlan(name=spec.strip(), base_model=base_model, description=f"full model; prompt-lookup decoding "
-                           f"(drafts of up to {int(fraction)} tokens copied from the prompt, verified in one pass)",
-                           meta={"spec": spec.strip(), "kind": PLD, "fraction": 0.0, PLD_META: int(fraction)})
-    if kind == SHIPPED:
-        return load_shipped(spec.strip(), fingerprint or (importance.model_key if importance else None), base_model)
-    functional = not (structural_default() if structural is None else structural)
-    meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source if importance else ""}
-    plan = PruningPlan(name=spec, base_model=base_model, meta=meta)
-    if kind == FULL:
-        plan.description = "full model"
-        return plan
-    if kind == "lowrank":
-        if lowrank_basis is None:
-            raise CheckpointError(f"profile {spec!r} needs the model's low-rank PCA basis (build it through build_bank)")
-        plan.ranks = allocate_ranks(lowrank_basis, fraction)
-        plan.meta.update(importance="", basis=lowrank_basis.source, allocation="min summed relative output error")
-        ranks = [r for layer in plan.ranks.values() for r in layer.values()]
-        total = len(lowrank_basis.matrices)
-        plan.description = (f"{100 * removed_fraction(plan.ranks, lowrank_basis.shapes):.1f}% of projection parameters removed: "
-                            f"{len(ranks)}/{total} projections factorised (ranks {min(ranks, default=0)}-{max(ranks, default=0)})")
-        return plan
-    if importance is None:
-        raise CheckpointError(f"profile {spec!r} needs calibrated importance")
+
+def _with_quant(plan: PruningPlan, spec: str, base: str, quant: str) -> PruningPlan:
+    """``SPEC+int4``: the base plan with its decoder projections packed."""
+    plan.name, plan.quant = spec.strip(), quant
+    what = "decoder projections packed to int4 weights (groups of 32, asymmetric)"
+    if base == FULL:
+        plan.meta = {**plan.meta, "spec": plan.name, "kind": quant, "fraction": 0.0}
+        plan.description = f"full model; {what}"
+    else:
+        plan.description = f"{plan.description}; {what}"
+    return plan
+
+
+def _lowrank_plan(plan: PruningPlan, spec: str, fraction: float, lowrank_basis: LowRankBasis | None) -> PruningPlan:
+    if lowrank_basis is None:
+        raise CheckpointError(f"profile {spec!r} needs the model's low-rank PCA basis (build it through build_bank)")
+    plan.ranks = allocate_ranks(lowrank_basis, fraction)
+    plan.meta.update(importance="", basis=lowrank_basis.source, allocation="min summed relative output error")
+    ranks = [r for layer in plan.ranks.values() for r in layer.values()]
+    total = len(lowrank_basis.matrices)
+    plan.description = (f"{100 * removed_fraction(plan.ranks, lowrank_basis.shapes):.1f}% of projection parameters removed: "
+                        f"{len(ranks)}/{total} projections factorised (ranks {min(ranks, default=0)}-{max(ranks, default=0)})")
+    return plan
+
+
+def _unit_plan(plan: PruningPlan, spec: str, kind: str, fraction: float, importance: Importance, info: ArchitectureInfo,
+               functional: bool) -> PruningPlan:
+    """Heads, kv groups, FFN channels, 2:4 MLPs or layers, chosen by calibrated importance."""
     if kind in {"heads", "kvheads"}:
         if kind == "heads":
             heads, removed = plan_query_heads(importance.heads, info.kv_heads, fraction, "layer" if spec.endswith(":layer") else "global")
@@ -235,6 +212,49 @@ def build_plan(
     if plan.functional and plan.heads:
         plan.description += " (masked)"
     return plan
+
+
+def build_plan(
+    spec: str,
+    importance: Importance | None,
+    info: ArchitectureInfo,
+    base_model: str = "",
+    structural: bool | None = None,
+    lowrank_basis: LowRankBasis | None = None,
+    fingerprint: str | None = None,
+) -> PruningPlan:
+    """Turn a spec like ``heads-10`` into a plan for this model and importance.
+
+    ``lowrank-P`` uses ``lowrank_basis`` (PCA eigenvalues) instead of importance. A
+    shipped plan's name loads that plan, checked against ``fingerprint`` (else the
+    importance's model key): a plan made for another model is a one-line error.
+    Modifiers (``+kvR``, ``+int4``) build the base plan first, then add to it.
+    """
+    base, keep = split_kv(spec)
+    if keep is not None:
+        return _with_kv(build_plan(base, importance, info, base_model, structural, lowrank_basis, fingerprint), spec, base, keep)
+    base, quant = split_quant(spec)
+    if quant is not None:
+        return _with_quant(build_plan(base, importance, info, base_model, structural, lowrank_basis, fingerprint), spec, base,
+                           quant)
+    kind, fraction = parse_spec(spec)
+    if kind == PLD:  # the full model's weights, decoded with prompt lookup
+        return PruningPlan(name=spec.strip(), base_model=base_model, description=f"full model; prompt-lookup decoding "
+                           f"(drafts of up to {int(fraction)} tokens copied from the prompt, verified in one pass)",
+                           meta={"spec": spec.strip(), "kind": PLD, "fraction": 0.0, PLD_META: int(fraction)})
+    if kind == SHIPPED:
+        return load_shipped(spec.strip(), fingerprint or (importance.model_key if importance else None), base_model)
+    functional = not (structural_default() if structural is None else structural)
+    meta = {"spec": spec, "kind": kind, "fraction": fraction, "importance": importance.source if importance else ""}
+    plan = PruningPlan(name=spec, base_model=base_model, meta=meta)
+    if kind == FULL:
+        plan.description = "full model"
+        return plan
+    if kind == "lowrank":
+        return _lowrank_plan(plan, spec, fraction, lowrank_basis)
+    if importance is None:
+        raise CheckpointError(f"profile {spec!r} needs calibrated importance")
+    return _unit_plan(plan, spec, kind, fraction, importance, info, functional)
 
 
 def default_catalogue(model: Any = None, kv: bool = False, quant: bool = False,

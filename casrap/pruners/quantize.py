@@ -120,7 +120,7 @@ class Int4Linear(nn.Module):
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None, group: int = GROUP_SIZE) -> None:
+                 bias: torch.Tensor | None = None, group: int = GROUP_SIZE, in_order: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -131,13 +131,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
+        self.register_buffer("in_order", in_order)  # input columns in packing order (None: as given)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
-                    group: int = GROUP_SIZE) -> Int4Linear:
-        """Quantise and pack a float weight [out, in]; the scales take ``act_dtype`` (the kernel's rule)."""
+                    group: int = GROUP_SIZE, in_order: torch.Tensor | None = None) -> Int4Linear:
+        """Quantise and pack a float weight [out, in]; the scales take ``act_dtype`` (the kernel's rule).
+
+        ``in_order``: pack the input columns in this order (and gather the input the same way
+        at run time) — the checkpoint's own channel order on a reordered base, so groups of 32
+        fall where the checkpoint's quantisation grid put them.
+        """
         out_features, in_features = weight.shape
         w = weight.detach().float()
+        if in_order is not None:
+            w = w[:, in_order]
         padded_in, padded_out = _round_up(in_features, group), _round_up(out_features, N_MULTIPLE)
         if padded_in != in_features:
             w = torch.cat([w, w[:, -1:].expand(out_features, padded_in - in_features)], dim=1)
@@ -147,12 +155,13 @@ class Int4Linear(nn.Module):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(act_dtype)
         return cls(packed, scales_and_zeros, in_features, out_features,
-                   None if bias is None else bias.detach().float().clone(), group)
+                   None if bias is None else bias.detach().float().clone(), group, in_order)
 
     @classmethod
-    def from_module(cls, module: nn.Module, act_dtype: torch.dtype = torch.bfloat16, group: int = GROUP_SIZE) -> Int4Linear:
+    def from_module(cls, module: nn.Module, act_dtype: torch.dtype = torch.bfloat16, group: int = GROUP_SIZE,
+                    in_order: torch.Tensor | None = None) -> Int4Linear:
         weight, bias = effective_weight(module)
-        return cls.from_weight(weight, bias, act_dtype, group)
+        return cls.from_weight(weight, bias, act_dtype, group, in_order)
 
     @property
     def logical_numel(self) -> int:
@@ -161,11 +170,14 @@ class Int4Linear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.packed, self.scales_and_zeros, self.bias) if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in (self.packed, self.scales_and_zeros, self.bias, self.in_order)
+                   if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
+        if self.in_order is not None:
+            h = h.index_select(-1, self.in_order)
         if self.padded_in != self.in_features:
             h = F.pad(h, (0, self.padded_in - self.in_features))
         h = h.to(self.act_dtype).contiguous()
@@ -181,7 +193,10 @@ class Int4Linear(nn.Module):
         the kernel itself; rounded to ``act_dtype`` when that is bfloat16)."""
         eye = torch.eye(self.padded_in, dtype=self.act_dtype, device=self.packed.device)
         full = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros)
-        return full.float()[: self.in_features, : self.out_features].t().contiguous()
+        weight = full.float()[: self.in_features, : self.out_features].t().contiguous()
+        if self.in_order is not None:  # back to the module's own column order
+            weight = weight[:, torch.argsort(self.in_order)]
+        return weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
@@ -199,6 +214,24 @@ def _cache_key(module: nn.Module, act_dtype: torch.dtype, layout: Any) -> tuple 
         return None
     w = module.weight
     return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype, act_dtype, layout)
+
+
+def checkpoint_order(mlp: nn.Module, down: nn.Module) -> torch.Tensor | None:
+    """Input columns of ``down`` sorted back into the checkpoint's channel order (None: already in it).
+
+    A zero-copy reorder (:mod:`casrap.pruners.reorder`) lays FFN channels out by importance
+    and keeps, on the MLP, the original channel at each position; a profile's sliced FFN
+    keeps a prefix of that order. Packing in the original order keeps each group of 32 on
+    the grid the checkpoint was quantised on (a GGUF-dequantised model is then lossless).
+    """
+    from casrap.pruners.reorder import ffn_order
+
+    order = ffn_order(mlp)
+    width = int(getattr(down, "in_features", 0) or 0)
+    if order is None or width == 0 or order.numel() < width:
+        return None
+    sort = torch.argsort(order[:width])
+    return None if torch.equal(sort, torch.arange(width)) else sort
 
 
 def quantize_layers(layers: Sequence[nn.Module], act_dtype: torch.dtype, cache: dict | None = None, layout: Any = None) -> int:
@@ -219,7 +252,8 @@ def quantize_layers(layers: Sequence[nn.Module], act_dtype: torch.dtype, cache: 
                 key = _cache_key(module, act_dtype, layout)
                 packed = cache.get(key) if cache is not None and key is not None else None
                 if packed is None:
-                    packed = Int4Linear.from_module(module, act_dtype)
+                    order = checkpoint_order(parent, module) if name == "down_proj" else None
+                    packed = Int4Linear.from_module(module, act_dtype, in_order=order)
                     packed_now += 1
                     if cache is not None and key is not None:
                         cache[key] = packed

@@ -243,41 +243,11 @@ def write_bundle(
     out_dir = Path(out_dir)
     if not Path(policy_zip).is_file():
         raise CheckpointError(f"no policy at {policy_zip}")
-    (out_dir / "plans").mkdir(parents=True, exist_ok=True)
-    for old in (out_dir / "plans").glob("*.json"):
-        old.unlink()
-    files = []
-    for index, name in enumerate(bank.names):
-        bank.profile(name).plan.fingerprint = bank.fingerprint  # the bank's plans are for this model
-        plan = _bundled_plan(bank.profile(name).plan, bank.fingerprint, out_dir / "plans", f"{index:02d}")
-        files.append(str(plan.save(out_dir / "plans" / f"{index:02d}.json").relative_to(out_dir)))
-    kept = {f"{i:02d}.adapter" for i, n in enumerate(bank.names) if bank.profile(n).plan.meta.get("adapter")}
-    for old in (out_dir / "plans").glob("*.adapter"):
-        if old.name not in kept:
-            shutil.rmtree(old)
+    files = _write_plans(out_dir, bank)
     shutil.copyfile(policy_zip, out_dir / POLICY)
     info = describe(bank.model)
-    cal: dict[str, Any] = {"sources": sorted({str(bank.profile(n).plan.meta.get("importance", "")) for n in bank.names} - {""})}
-    importance = getattr(bank, "importance", None)
-    if importance is not None:
-        name = f"{bank.fingerprint}-calibration.safetensors"
-        importance.save(out_dir / name)
-        cal["file"] = name
-    elif calibration is not None and Path(calibration).is_file():
-        shutil.copyfile(calibration, out_dir / Path(calibration).name)
-        cal["file"] = Path(calibration).name
-    basis: dict[str, Any] = {}
-    if any(bank.profile(n).plan.ranks for n in bank.names):
-        from casrap.pruners.lowrank import default_basis_path
-
-        source = default_basis_path(bank.fingerprint)
-        if bank.lowrank_basis is not None:
-            bank.lowrank_basis.save(out_dir / BASIS)
-        elif source.is_file():
-            shutil.copyfile(source, out_dir / BASIS)
-        else:
-            raise CheckpointError(f"the bank has low-rank plans but no basis at {source} to bundle; build them once (casrap bench -p lowrank-25)")
-        basis["file"] = BASIS
+    cal = _write_calibration(out_dir, bank, calibration)
+    basis = _write_basis(out_dir, bank)
     manifest = {
         "format": BUNDLE_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -295,6 +265,53 @@ def write_bundle(
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
     return out_dir
+
+
+def _write_plans(out_dir: Path, bank: Any) -> list[str]:
+    """Every action's plan as ``plans/NN.json`` (healed ones with their adapter beside); stale files removed."""
+    (out_dir / "plans").mkdir(parents=True, exist_ok=True)
+    for old in (out_dir / "plans").glob("*.json"):
+        old.unlink()
+    files = []
+    for index, name in enumerate(bank.names):
+        bank.profile(name).plan.fingerprint = bank.fingerprint  # the bank's plans are for this model
+        plan = _bundled_plan(bank.profile(name).plan, bank.fingerprint, out_dir / "plans", f"{index:02d}")
+        files.append(str(plan.save(out_dir / "plans" / f"{index:02d}.json").relative_to(out_dir)))
+    kept = {f"{i:02d}.adapter" for i, n in enumerate(bank.names) if bank.profile(n).plan.meta.get("adapter")}
+    for old in (out_dir / "plans").glob("*.adapter"):
+        if old.name not in kept:
+            shutil.rmtree(old)
+    return files
+
+
+def _write_calibration(out_dir: Path, bank: Any, calibration: Path | None) -> dict[str, Any]:
+    """The importance the bank was reordered by (else the calibration file the plans came from)."""
+    cal: dict[str, Any] = {"sources": sorted({str(bank.profile(n).plan.meta.get("importance", "")) for n in bank.names} - {""})}
+    importance = getattr(bank, "importance", None)
+    if importance is not None:
+        name = f"{bank.fingerprint}-calibration.safetensors"
+        importance.save(out_dir / name)
+        cal["file"] = name
+    elif calibration is not None and Path(calibration).is_file():
+        shutil.copyfile(calibration, out_dir / Path(calibration).name)
+        cal["file"] = Path(calibration).name
+    return cal
+
+
+def _write_basis(out_dir: Path, bank: Any) -> dict[str, Any]:
+    """The low-rank PCA basis when a plan has ranks ({} otherwise)."""
+    if not any(bank.profile(n).plan.ranks for n in bank.names):
+        return {}
+    from casrap.pruners.lowrank import default_basis_path
+
+    source = default_basis_path(bank.fingerprint)
+    if bank.lowrank_basis is not None:
+        bank.lowrank_basis.save(out_dir / BASIS)
+    elif source.is_file():
+        shutil.copyfile(source, out_dir / BASIS)
+    else:
+        raise CheckpointError(f"the bank has low-rank plans but no basis at {source} to bundle; build them once (casrap bench -p lowrank-25)")
+    return {"file": BASIS}
 
 
 def _bundled_plan(plan: PruningPlan, fingerprint: str, plans_dir: Path, stem: str) -> PruningPlan:
