@@ -43,6 +43,8 @@ def test_pld_spec_parses_and_builds_a_full_model_plan(tiny):
     assert generator_for(bank.profile(FULL).plan).kind == DENSE
 
 
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="transformers < 5: prompt lookup needs an EOS id, and the tiny random model has none")
 def test_pld_greedy_answer_equals_the_dense_greedy_answer(tiny):
     bank = _bank(tiny)
     router = Router(bank, tiny.tokenizer, None, telemetry=FakeTelemetry(0), probe=False)

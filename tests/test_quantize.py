@@ -39,6 +39,8 @@ IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 77, 12, 64, 31, 2, 250]])
 FP32_FAST = KernelCheck({"bfloat16": 0.9, "float32": 1.5}, cpu="test")  # picks fp32 activations: tight comparisons
 BF16_FAST = KernelCheck({"bfloat16": 1.6, "float32": 0.3}, cpu="test")
 SLOW = KernelCheck({"bfloat16": 0.56, "float32": 0.06}, cpu="AVX2, no AVX-512-BF16")
+needs_kernel = pytest.mark.skipif(not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"),
+                                  reason="this torch has no CPU int4 weight-only kernel (casrap refuses int4 in one line)")
 
 
 def _logits(model, ids=IDS):
@@ -70,6 +72,7 @@ def _grid_weight(rows, cols, seed=0, group=32):
 
 # ------------------------------------------------------------------ the module
 @pytest.mark.parametrize("shape", [(48, 96), (20, 64), (16, 48)])  # (out, in): padded rows, padded columns
+@needs_kernel
 def test_int4_is_lossless_on_weights_already_on_a_group_grid(shape):
     rows, cols = shape
     weight = _grid_weight(rows, 96)[:, :cols].contiguous()
@@ -80,6 +83,7 @@ def test_int4_is_lossless_on_weights_already_on_a_group_grid(shape):
     torch.testing.assert_close(module.dequantized_weight(), weight, atol=1e-6, rtol=0)
 
 
+@needs_kernel
 def test_int4_output_equals_the_dequantised_weight_reference():
     weight = torch.randn(64, 128) * 0.05
     codes, scale, zero = quantize_groups(weight)
@@ -97,6 +101,7 @@ def test_int4_output_equals_the_dequantised_weight_reference():
     torch.testing.assert_close(out, F.linear(x.bfloat16().float(), ref16), atol=2e-2, rtol=2e-2)
 
 
+@needs_kernel
 def test_packing_folds_an_unmerged_adapter_and_keeps_a_bias():
     from casrap.profiles.adapter import LoraLinear
 
@@ -135,6 +140,7 @@ def _dequantised_copy(layers, like):
 
 
 @pytest.mark.parametrize("spec", ["none", "layers-25", "ffn-25", "heads-25"])
+@needs_kernel
 def test_int4_profile_equals_its_structural_profile_with_dequantised_weights(tiny, spec):
     quant = "int4" if spec == "none" else f"{spec}+int4"
     bank = _bank(tiny, [s for s in (spec, quant) if s != "none"])
@@ -157,6 +163,7 @@ def test_int4_profile_equals_its_structural_profile_with_dequantised_weights(tin
         assert not torch.equal(_logits(tiny.model), got)
 
 
+@needs_kernel
 def test_int4_packs_zero_copy_views_of_a_reordered_base(tiny):
     """Calibrated plans on a reordered base are views (grouped query rows for heads-25): packing
     reads the map each view runs, and shares packed copies only within one layout."""
@@ -181,6 +188,7 @@ def test_int4_packs_zero_copy_views_of_a_reordered_base(tiny):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@needs_kernel
 def test_full_model_restores_bitwise_after_int4_profiles(tiny):
     before = _logits(tiny.model).clone()
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
@@ -190,6 +198,7 @@ def test_full_model_restores_bitwise_after_int4_profiles(tiny):
     assert_full_model_restored(bank, tiny.model, IDS, before, state, rounds=3)
 
 
+@needs_kernel
 def test_memory_report_counts_the_packed_weights_once(tiny):
     bank = _bank(tiny, ["int4", "layers-25+int4", "ffn-25+int4"])
     full = bank.profile("int4").layers
@@ -212,6 +221,7 @@ def test_memory_report_counts_the_packed_weights_once(tiny):
     assert bank.packed_bytes() == 0 and not bank._packed
 
 
+@needs_kernel
 def test_a_slow_kernel_refuses_int4_in_one_line_unless_allowed(tiny):
     bank = ProfileBank(tiny.model, "tiny")
     plan = build_plan("int4", None, describe(tiny.model))
@@ -227,12 +237,14 @@ def test_a_slow_kernel_refuses_int4_in_one_line_unless_allowed(tiny):
     assert bank.profile("int4").layers[0].mlp.up_proj.act_dtype == torch.bfloat16  # the less slow one
 
 
+@needs_kernel
 def test_gpu_and_missing_kernels_are_named():
     assert "CPU only" in kernel_blocker("cuda") and "bitsandbytes" in kernel_blocker("cuda")
     assert kernel_blocker("cpu") is None
     assert "runs 1.63x" not in (BF16_FAST.refusal() or "") and BF16_FAST.refusal() is None
 
 
+@needs_kernel
 def test_kernel_check_measures_each_activation_dtype_once_per_process():
     shapes = [(32, 64), (64, 32)]
     first = quant_kernel_check(shapes, budget_s=0.01)
@@ -339,6 +351,7 @@ def test_pareto_script_marks_the_front_with_the_catalogue_rule(tmp_path):
     assert out.stat().st_size > 0
 
 
+@needs_kernel
 def test_quant_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     import json
     import pathlib
@@ -365,6 +378,7 @@ def test_quant_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch
 
 
 @pytest.mark.embedded
+@needs_kernel
 def test_int4_is_near_lossless_on_the_embedded_model(embedded):
     """The embedded weights were dequantised from Q4_1 groups of 32: int4 in groups of 32 finds
     the same grid, so with float32 activations the profile is the full model up to float error."""
@@ -398,6 +412,7 @@ def test_int4_is_near_lossless_on_the_embedded_model(embedded):
     torch.testing.assert_close(next_token_logits(model, ids), full, atol=0, rtol=0)
 
 
+@needs_kernel
 def test_an_int4_profile_says_in_one_line_why_it_cannot_export(tiny):
     from casrap.profiles.export import export_blocker
 
@@ -406,6 +421,7 @@ def test_an_int4_profile_says_in_one_line_why_it_cannot_export(tiny):
         assert "packed" in (export_blocker(bank, name) or "")
 
 
+@needs_kernel
 def test_a_reordered_base_packs_down_proj_in_the_checkpoints_channel_order(tiny):
     """Weights on a group-32 grid in the checkpoint's channel order (a GGUF-dequantised model) stay lossless
     under int4 after the zero-copy reorder has laid the FFN channels out by importance."""

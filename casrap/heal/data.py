@@ -70,7 +70,7 @@ def sample_answers(
             else:
                 texts = chunk
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                  pad_token_id=tokenizer.pad_token_id)
             for prefix, row in zip(chunk, out[:, enc.input_ids.shape[1]:]):
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
