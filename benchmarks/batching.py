@@ -25,12 +25,10 @@ the machine meanwhile.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -40,23 +38,10 @@ from typing import Any
 
 import torch
 
+from casrap.version import measurement_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "raw" / "batching.json"  # raw runs; `python benchmarks/summarise.py batching` renders the table
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for package in ("casrap", "torch", "transformers"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        found["casrap"] = f"{found.get('casrap', '?')} (commit {commit or 'unknown'})"
-    except OSError:
-        pass
-    return found
 
 
 def build(model: str, max_batch: int) -> Any:
@@ -149,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "versions": _versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": measurement_versions(str(ROOT)), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n": {"clients": args.clients, "reps": args.reps, "tokens": args.tokens, "prompts": "bundled prompts, test split"},
         "median_throughput_ratio": statistics.median(r["throughput_ratio"] for r in reps),
         "median_throughput_ratio_vs_serial_solo": statistics.median(r["throughput_ratio_vs_serial_solo"] for r in reps),

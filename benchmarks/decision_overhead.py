@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +33,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50)
     args = parser.parse_args()
 
-    import torch
-    import transformers
-
     from casrap import AdaptiveLM
     from casrap.data.prompts import load_prompts
     from casrap.decide.latency_model import cpu_name
+    from casrap.version import measurement_versions
 
     lm = AdaptiveLM.load()
     decisions: list[Any] = []
@@ -72,7 +68,6 @@ def main() -> None:
         for part in PARTS:
             row[part.replace("_s", "_ms")] = 1000 * statistics.median(r[part] for r in runs)
         rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     columns = [{"key": "mode", "label": "request"}, {"key": "rule", "label": "decided by"}, {"key": "n", "label": "n"},
                {"key": "latency_s", "label": "latency s", "format": "{:.2f}"},
                {"key": "decision_ms", "label": "decision ms", "format": "{:.1f}"},
@@ -87,8 +82,7 @@ def main() -> None:
         "machine": {"description": f"{cpu_name()}, {os.cpu_count()} cores, SmolLM2-135M-Instruct fp32", "short": "2-core CPU",
                     "threads": "casrap default (free cores + governor)", "load": "idle",
                     "load_average": round(os.getloadavg()[0], 2)},
-        "versions": {"casrap": f"0.1.0 (commit {commit})", "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": measurement_versions(str(ROOT)),
         "date": datetime.now(timezone.utc).date().isoformat(),
         "n": f"{args.requests} prompts x {len(modes)} modes", "columns": columns, "rows": rows, "notes": [],
     }

@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata as md
 import json
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from casrap.version import measurement_versions
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,21 +45,6 @@ INSTRUCTIONS = {
     "extract": "List every name, place, number and date that appears in the passage below, one per line.\n\n{passage}",
     "rewrite": "Rewrite the following passage in plain, simple English, keeping every fact.\n\n{passage}",
 }
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for package in ("casrap", "torch", "transformers"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        found["casrap"] = f"{found.get('casrap', '?')} (commit {commit or 'unknown'})"
-    except OSError:
-        pass
-    return found
 
 
 def category_prompts(n: int) -> dict[str, list[str]]:
@@ -168,7 +153,7 @@ def main() -> None:
                     "short": f"{os.cpu_count()}-core CPU, idle", "threads": torch.get_num_threads(), "load": "idle",
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                     "telemetry_before": before},
-        "versions": _versions(),
+        "versions": measurement_versions(str(ROOT)),
         "date": datetime.date.today().isoformat(),
         "n": f"{args.n} prompts per category x {args.pairs} interleaved rounds (dense, pld-4, pld-10, order rotating) "
              f"of {args.tokens} new tokens",

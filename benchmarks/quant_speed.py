@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata as md
 import json
 import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,23 +33,10 @@ from typing import Any
 
 import torch
 
+from casrap.version import measurement_versions
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for package in ("casrap", "torch", "transformers"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        found["casrap"] = f"{found.get('casrap', '?')} (commit {commit or 'unknown'})"
-    except OSError:
-        pass
-    return found
 
 
 def _forced(real: Any, dtype: str) -> Any:
@@ -174,7 +159,7 @@ def results_table(measured: list[dict[str, Any]], real: Any, args: argparse.Name
                     "short": f"{os.cpu_count()}-core CPU", "threads": torch.get_num_threads(),
                     "load": args.load, "load_average": " ".join(f"{x:.2f}" for x in load) if load else None,
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")},
-        "versions": _versions(), "date": datetime.date.today().isoformat(),
+        "versions": measurement_versions(str(ROOT)), "date": datetime.date.today().isoformat(),
         "n": (f"{args.pairs} interleaved pairs of {args.tokens} new tokens (EOS ignored) per variant; perplexity on "
               f"{args.ppl_max_tokens} tokens, KL on the first {args.kl_tokens}"),
         "columns": [{"key": "profile", "label": "profile"}, {"key": "act", "label": "activations"},

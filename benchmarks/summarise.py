@@ -1,6 +1,5 @@
 """Turn raw measurements into result tables (``benchmarks/results/*.json``, the schema in README.md).
 
-    python benchmarks/summarise.py thread-policy          # from benchmarks/raw/thread-policy.json
     python benchmarks/summarise.py recording FILE         # a replay file written by `casrap record`
     python benchmarks/summarise.py replay TEST_JSON       # `casrap test --replay ... --json` output
     python benchmarks/summarise.py loadtest LOADTEST_JSON # `casrap loadtest --load-levels ... --json` output
@@ -33,73 +32,6 @@ def _write(name: str, table: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(table, indent=1) + "\n")
     return path
-
-
-def thread_policy() -> Path:
-    raw = json.loads((HERE / "raw" / "thread-policy.json").read_text())
-    active, passive = raw["runs"]["active"], raw["runs"]["passive"]
-
-    def ms(run: dict, level: str, profile: str, threads: str) -> float | None:
-        for r in run["rows"]:
-            if r["level"] == level and r["profile"] == profile and r["threads"] == threads:
-                return round(r["decode_ms"], 1)
-        return None
-
-    def rule_threads(run: dict, level: str) -> str:
-        for r in run["rows"]:
-            if r["level"] == level and r["threads"] == "rule" and r["profile"] == "none":
-                return ",".join(str(t) for t in r["rule_threads"])
-        return ""
-
-    levels = sorted({r["level"] for r in passive["rows"]}, key=lambda v: (not v.isdigit(), v))
-    rows = []
-    for level in levels:
-        before = ms(active, level, "none", "2")
-        after = ms(passive, level, "none", "rule")
-        one, two = ms(passive, level, "none", "1"), ms(passive, level, "none", "2")
-        best = min(v for v in (one, two) if v is not None)
-        rows.append({"level": level, "before": before, "active_1": ms(active, level, "none", "1"), "passive_1": one,
-                     "passive_2": two, "after": after, "rule_threads": rule_threads(passive, level),
-                     "speedup": round(before / after, 2) if before and after else None,
-                     "rule_vs_best": round(after / best, 2) if after and best else None})
-    profile = next(r["profile"] for r in passive["rows"] if r["profile"] != "none")
-    change = passive.get("thread_change_ms", {})
-    return _write("thread-policy", {
-        "title": "Thread-aware execution: full-model decode under background load",
-        "page": "execution", "page_title": "Execution under load", "page_rank": 10, "order": 1,
-        "summary": "Median decode step (ms/token) of the full embedded model, before (2 torch threads, OpenMP spinning: the "
-                   "old defaults) and after (threads = cores other processes leave free, OpenMP waiting passively). Levels: "
-                   "0/1/2 background processes each burning a core; bursty: two switching on and off. `rule / best` compares "
-                   "the rule's choice with the faster of 1 and 2 threads measured in the same run (1.00 = the rule found it).",
-        "command": [active["command"], passive["command"]],
-        "machine": {"description": f"{passive['machine']['cpu']}, {passive['machine']['cores']} cores, SmolLM2-135M-Instruct fp32",
-                    "short": f"{passive['machine']['cores']}-core CPU", "threads": "as in each column",
-                    "load": "quiet apart from the background load being measured",
-                    "load_average": passive["machine"]["loadavg_at_end"][0]},
-        "versions": {"casrap": f"0.1.0 (commit {_commit()})", **passive["versions"]},
-        "date": passive["date"][:10],
-        "n": f"{passive['n']['reps']} generations x {passive['n']['decode_steps_per_rep']} decode steps per cell (median); "
-             f"configurations interleaved",
-        "columns": [
-            {"key": "level", "label": "background load"},
-            {"key": "before", "label": "before: 2 threads, spinning (ms/token)", "format": "{:.1f}"},
-            {"key": "active_1", "label": "1 thread, spinning", "format": "{:.1f}"},
-            {"key": "passive_1", "label": "1 thread, passive", "format": "{:.1f}"},
-            {"key": "passive_2", "label": "2 threads, passive", "format": "{:.1f}"},
-            {"key": "after", "label": "after: rule, passive (ms/token)", "format": "{:.1f}"},
-            {"key": "rule_threads", "label": "threads the rule chose"},
-            {"key": "speedup", "label": "before / after", "format": "{:.2f}x"},
-            {"key": "rule_vs_best", "label": "rule / best of 1, 2", "format": "{:.2f}"},
-        ],
-        "rows": rows,
-        "notes": [f"Setting the thread count: {change.get('set_num_threads_ms', float('nan')):.2f} ms; the first forward after a "
-                  f"change {change.get('first_forward_after_change_ms', float('nan')):.1f} ms against "
-                  f"{change.get('steady_forward_ms', float('nan')):.1f} ms steady (idle; 64-token forward)."
-                  if change else "Thread-change cost not measured.",
-                  f"The same run measured `{profile}`; its figures are in benchmarks/raw/thread-policy.json."],
-        "headline": [{"label": "full-model decode, one busy core: before -> after", "row": levels.index("1") if "1" in levels else 0,
-                      "column": "speedup", "rank": 2}],
-    })
 
 
 def recording(path: str) -> Path:
@@ -184,8 +116,8 @@ def serving(sweep_path: str, rate_path: str, machine: str, load_average: float |
         "headline": [{"label": "serve: output tokens/s with 8 streaming clients over 1 client", "column": "vs_one",
                       "row": len(sweep["summary"]) - 1}],
         "notes": [f"Client config: {json.dumps({k: config.get(k) for k in ('max_tokens', 'model', 'seed')})}.",
-                  "Two clients gain little here (TPOT 68.8 -> 117 ms): a batched step of two costs ~1.7x a solo step on this "
-                  "box, while 4 and 8 share steps of 121 and 134 ms."],
+                  "Median TPOT by concurrency (a batched step shared by that many requests), ms: " +
+                  ", ".join(f"{r['max_concurrency']}: {r['median_tpot_ms']:.1f}" for r in sweep["summary"]) + "."],
     })
 
 
@@ -231,9 +163,7 @@ def _today() -> str:
 
 if __name__ == "__main__":
     kind = sys.argv[1]
-    if kind == "thread-policy":
-        print(thread_policy())
-    elif kind == "recording":
+    if kind == "recording":
         print(recording(sys.argv[2]))
     elif kind == "batching":
         print(batching(*sys.argv[2:3]))

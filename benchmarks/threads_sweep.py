@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -169,17 +168,9 @@ def summarise(raw: dict[str, dict[str, list[float]]], levels: list[str]) -> list
     return rows
 
 
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"casrap": f"0.1.0 (commit {commit})", "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def parent(args: argparse.Namespace) -> None:
     from casrap.decide.latency_model import cpu_name
+    from casrap.version import measurement_versions
 
     levels = args.levels.split(",")
     names = list(VARIANTS) + ([v for v in EXTRA] if args.extra else [])
@@ -225,7 +216,7 @@ def parent(args: argparse.Namespace) -> None:
                     "threads": "per variant (see the execution column)",
                     "load": "quiet apart from the background load levels",
                     "load_average": round(statistics.median(loadavg), 2) if loadavg else None},
-        "versions": versions(), "date": today,
+        "versions": measurement_versions(str(ROOT)), "date": today,
         "n": f"{args.rounds} rounds x {len(names)} variants x {len(levels)} levels; {args.level_s:.0f} s of "
              f"{args.tokens}-token generations per level ({args.bursty_s:.0f} s bursty)",
         "columns": columns, "rows": shown, "headline": headline,

@@ -160,10 +160,9 @@ class Router:
             from casrap.telemetry.live import LiveTelemetry
 
             telemetry = LiveTelemetry()
-        self.telemetry = telemetry
         self.clock = clock
-        self.threads = threads or ThreadPolicy(mode=self.defaults.thread_policy)
-        self.governor = ThreadGovernor(self.threads, telemetry=telemetry if self.threads.mode != "fixed" else None,
+        # the governor owns the thread policy and the telemetry source: `threads` and `telemetry` are views of it
+        self.governor = ThreadGovernor(threads or ThreadPolicy(mode=self.defaults.thread_policy), telemetry=telemetry,
                                        clock=clock, config=governor)
         self.probe_enabled = probe
         self._unloaded = unloaded
@@ -171,6 +170,24 @@ class Router:
         self._probe_ids: torch.Tensor | None = None
         self.analyzer = PromptAnalyzer(bank.model, tokenizer, max_tokens=self.defaults.analysis_tokens, clock=clock)
         self.actions = list(bank.names)
+
+    @property
+    def threads(self) -> ThreadPolicy:
+        """How many threads a request gets (the governor's policy)."""
+        return self.governor.policy
+
+    @threads.setter
+    def threads(self, policy: ThreadPolicy) -> None:
+        self.governor.policy = policy
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """Where readings come from (before a request, and during it through the governor)."""
+        return self.governor.telemetry
+
+    @telemetry.setter
+    def telemetry(self, source: Telemetry) -> None:
+        self.governor.telemetry = source
 
     @property
     def unloaded(self) -> UnloadedLatencyModel:
@@ -259,7 +276,6 @@ class Router:
         t0 = clock()
         reading = self.telemetry.read()
         t1 = clock()
-        self.governor.policy, self.governor.telemetry = self.threads, self.telemetry  # follow a replaced policy or source
         threads = self.governor.start(reading)
         threads_s = self.governor.last_set_s
         probe_s = 0.0
